@@ -1,0 +1,110 @@
+"""Latency and power of one batch over a whole clock grid, in one call.
+
+Array layouts (all float64, contiguous):
+
+``coef`` (8,): per (phase, TP) coefficients, indices below (``C_*``).
+``table`` (5, F): per-clock curves for one phase, rows ``T_*``; column k is clock k of the grid.
+``out`` (2, F): written by the kernels; row ``O_TIME_S`` is seconds, row ``O_POWER_W`` is W per GPU.
+
+Public wrappers (``dualscale.profile.model.Profile``) validate every input; kernels trust them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from dualscale._kernels import CACHE, FASTMATH
+
+C_BASE_S = 0
+C_PER_REQUEST_S = 1
+C_PER_CONTEXT_TOKEN_S = 2
+C_PER_TOKEN_S = 3
+C_ATTN_TOKEN_EQUIV = 4
+C_OVERLAP_EXP = 5
+C_POWER_CAP_W = 6
+N_COEF = 8
+
+T_MEM_SLOWDOWN = 0
+T_COMP_SLOWDOWN = 1
+T_IDLE_W = 2
+T_MEM_POWER_W = 3
+T_COMP_POWER_W = 4
+N_TABLE_ROWS = 5
+
+O_TIME_S = 0
+O_POWER_W = 1
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def eval_clocks(mem_s, comp_s, coef, table, out):
+    """Time and power of work (``mem_s``, ``comp_s`` at the reference clock) at every table clock."""
+    p = coef[C_OVERLAP_EXP]
+    cap_w = coef[C_POWER_CAP_W]
+    for k in range(table.shape[1]):
+        a = mem_s * table[T_MEM_SLOWDOWN, k]
+        b = comp_s * table[T_COMP_SLOWDOWN, k]
+        m = max(a, b)
+        idle = table[T_IDLE_W, k]
+        if m <= 0.0:
+            out[O_TIME_S, k] = 0.0
+            out[O_POWER_W, k] = idle
+            continue
+        # p-norm written around the larger term so it never overflows.
+        ra = (a / m) ** p
+        rb = (b / m) ** p
+        s = ra + rb
+        out[O_TIME_S, k] = m * s ** (1.0 / p)
+        w_mem = ra / s
+        power = idle + w_mem * table[T_MEM_POWER_W, k] + (1.0 - w_mem) * table[T_COMP_POWER_W, k]
+        out[O_POWER_W, k] = min(cap_w, max(idle, power))
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def work_s(n_requests, context_tokens, new_tokens, attention_pairs, coef):
+    """Memory-bound and compute-bound seconds of one iteration at the reference clock."""
+    mem = (
+        coef[C_BASE_S]
+        + coef[C_PER_REQUEST_S] * n_requests
+        + coef[C_PER_CONTEXT_TOKEN_S] * context_tokens
+    )
+    comp = coef[C_PER_TOKEN_S] * (new_tokens + coef[C_ATTN_TOKEN_EQUIV] * attention_pairs)
+    return mem, comp
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def prefill_grid(chunk_tokens, prefix_tokens, coef, table, out):
+    """Prefill batch of chunks (``chunk_tokens[i]`` new tokens after ``prefix_tokens[i]``) on the grid."""
+    new = 0.0
+    prefix = 0.0
+    pairs = 0.0
+    for i in range(chunk_tokens.shape[0]):
+        l = float(chunk_tokens[i])
+        p = float(prefix_tokens[i])
+        new += l
+        prefix += p
+        # causal attention: query j of the chunk sees the prefix and j earlier chunk tokens + itself
+        pairs += l * p + 0.5 * l * (l + 1.0)
+    mem, comp = work_s(chunk_tokens.shape[0], prefix, new, pairs, coef)
+    eval_clocks(mem, comp, coef, table, out)
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def decode_grid(context_tokens, coef, table, out):
+    """Decode step of a batch (one new token per request, ``context_tokens[i]`` already cached)."""
+    ctx = 0.0
+    for i in range(context_tokens.shape[0]):
+        ctx += float(context_tokens[i])
+    n = context_tokens.shape[0]
+    mem, comp = work_s(n, ctx, float(n), ctx, coef)
+    eval_clocks(mem, comp, coef, table, out)
+
+
+def warm_up() -> None:
+    """Compile (or load from cache) every kernel with the production argument types."""
+    coef = np.ones(N_COEF)
+    table = np.ones((N_TABLE_ROWS, 2))
+    out = np.empty((2, 2))
+    toks = np.ones(1, dtype=np.int64)
+    prefill_grid(toks, toks, coef, table, out)
+    decode_grid(toks, coef, table, out)

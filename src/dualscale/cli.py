@@ -1,0 +1,164 @@
+"""The ``dualscale`` command. Each subcommand's ``--help`` explains what it does and shows an example."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from dualscale._version import __version__
+from dualscale.errors import DualscaleError
+
+DEFAULT_PROFILE = "h100-sxm-llama-3.3-70b"
+DEFAULT_DATA = Path("../shared/data")
+SHOW_CLOCKS_MHZ = (345, 570, 780, 1080, 1380, 1680, 1830, 1980)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dualscale",
+        description=(
+            "Energy-aware GPU clock control for prefill/decode-disaggregated LLM serving.\n"
+            "Start with `dualscale profile show` to see what one GPU x model costs at each clock."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"dualscale {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prof = sub.add_parser("profile", help="inspect, fit and validate latency/power profiles",
+                          description="Latency and power of one (GPU, model) pair vs batch and SM clock.")
+    psub = prof.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    show = psub.add_parser(
+        "show", help="tables of latency, power and energy per token vs clock",
+        description=(
+            "Print, for each TP degree, the time, per-GPU power and energy per token of a prefill batch and\n"
+            "a decode step at a set of clocks, plus the idle power and the KV capacity.\n\n"
+            "example: dualscale profile show h100-sxm-llama-3.3-70b --tp 4 --prefill-tokens 2048 --decode-batch 64"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("profile", nargs="?", default=DEFAULT_PROFILE,
+                      help=f"built-in profile name or path to a profile TOML (default: {DEFAULT_PROFILE})")
+    show.add_argument("--tp", type=int, action="append", help="TP degree to show (repeatable; default: all)")
+    show.add_argument("--clocks-mhz", type=int, nargs="+", default=list(SHOW_CLOCKS_MHZ), metavar="MHZ",
+                      help="clocks to tabulate (default: %(default)s)")
+    show.add_argument("--prefill-tokens", type=int, default=1024, help="prompt tokens of the prefill batch (default: 1024)")
+    show.add_argument("--decode-batch", type=int, default=32, help="requests in the decode batch (default: 32)")
+    show.add_argument("--decode-context", type=int, default=1024, help="context tokens per decode request (default: 1024)")
+
+    fit = psub.add_parser(
+        "fit", help="rebuild the built-in profile from the public measurement folders",
+        description=(
+            "Fit the H100 x Llama-3.3-70B profile from the shared data folder (deterministic) and write it.\n"
+            "See dualscale/profile/fit.py for which source each number follows.\n\n"
+            "example: dualscale profile fit --data ../shared/data --out configs/profiles/h100-sxm-llama-3.3-70b.toml"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (default: %(default)s)")
+    fit.add_argument("--out", type=Path, default=None,
+                     help="where to write the profile TOML (default: print to stdout)")
+
+    val = psub.add_parser(
+        "validate", help="error of a profile on every public dataset it follows",
+        description=(
+            "Report MAPE and max error of the profile on each dataset, with its target. Form checks on\n"
+            "other GPUs (L4, A100/A40) refit the interpolation laws and score only held-out clocks.\n"
+            "Exit status 1 when a target is missed.\n\n"
+            "example: dualscale profile validate --json > validation.json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    val.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name or TOML path")
+    val.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (default: %(default)s)")
+    val.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dualscale.profile import Profile
+
+    prof = Profile.load(args.profile)
+    tps = args.tp or list(prof.tp_degrees)
+    for tp in tps:
+        prof.coefficients("prefill", tp)  # validates tp with a clear message
+    clocks = np.array(args.clocks_mhz, dtype=np.float64)
+    con = Console()
+    con.print(f"[bold]{prof.name}[/bold]: {prof.config.description}")
+    con.print(f"supported clocks {prof.clocks_mhz[0]}-{prof.clocks_mhz[-1]} MHz "
+              f"(step {prof.config.gpu.clock_step_mhz}), power cap {prof.config.gpu.power_cap_w:.0f} W/GPU")
+    for tp in tps:
+        pt, pp = prof.prefill(tp, [args.prefill_tokens], clocks)
+        ctx = np.full(args.decode_batch, args.decode_context)
+        dt, dp = prof.decode(tp, ctx, clocks)
+        idle = prof.idle_power_w(clocks)
+        t = Table(title=f"TP{tp}: prefill 1x{args.prefill_tokens} tokens, decode batch {args.decode_batch} x "
+                        f"{args.decode_context} context; KV capacity {prof.kv_capacity_tokens(tp):,} tokens")
+        for col in ("clock MHz", "prefill ms", "prefill W/GPU", "prefill J/token", "decode ms",
+                    "decode W/GPU", "decode J/token", "idle W/GPU"):
+            t.add_column(col, justify="right")
+        for i, f in enumerate(clocks):
+            t.add_row(f"{f:.0f}", f"{pt[i] * 1e3:.1f}", f"{pp[i]:.0f}", f"{tp * pp[i] * pt[i] / args.prefill_tokens:.3f}",
+                      f"{dt[i] * 1e3:.1f}", f"{dp[i]:.0f}", f"{tp * dp[i] * dt[i] / args.decode_batch:.3f}",
+                      f"{idle[i]:.0f}")
+        con.print(t)
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from dualscale.profile import fit
+
+    cfg = fit.fit(fit.load_inputs(args.data))
+    data = fit.to_toml(cfg)
+    if args.out is None:
+        sys.stdout.write(data.decode())
+    else:
+        fit.write_atomic(args.out, data)
+        print(f"wrote {args.out} ({len(data)} bytes)", file=sys.stderr)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from dualscale.profile import Profile
+    from dualscale.profile.validate import validate
+
+    results = validate(Profile.load(args.profile), args.data)
+    if args.json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode({"profile": args.profile, "checks": results})).decode() + "\n")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"validation of {args.profile}")
+        for col in ("check", "dataset", "n", "MAPE %", "max %", "target %", "met"):
+            t.add_column(col)
+        for r in results:
+            met = "-" if r.met is None else ("yes" if r.met else "[red]NO[/red]")
+            t.add_row(r.check, r.dataset, str(r.n), f"{r.mape_pct:.2f}", f"{r.max_err_pct:.1f}",
+                      "-" if r.target_pct is None else f"{r.target_pct:g}", met)
+        Console().print(t)
+        for r in results:
+            print(f"- {r.check}: {r.note}")
+    return 1 if any(r.met is False for r in results) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {("profile", "show"): _cmd_show, ("profile", "fit"): _cmd_fit, ("profile", "validate"): _cmd_validate}
+    try:
+        return handlers[(args.command, args.action)](args)
+    except (DualscaleError, ValueError) as e:
+        print(f"dualscale: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""The one config system: frozen msgspec Structs decoded from TOML files in ``configs/``.
+
+Loading is all-or-nothing: a file either decodes completely into its Struct or raises one
+:class:`~dualscale.errors.ConfigError` naming the file, the field, the value and what is allowed.
+Built-in configs ship inside the wheel (``dualscale/configs``); in a source checkout they are read
+from the top-level ``configs/`` folder.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from dualscale.errors import ConfigError
+
+T = TypeVar("T")
+
+_PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def builtin_config_dir() -> Path:
+    """Folder of the built-in configs: inside the installed package, else the checkout's ``configs/``."""
+    packaged = resources.files("dualscale") / "configs"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def _lookup(raw: Any, path: str) -> Any:
+    """Value at a msgspec error path such as ``gpu.power_cap_w`` or ``latency.prefill[1].tp``."""
+    node = raw
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        try:
+            node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def decode_toml(data: bytes, type_: type[T], source: str) -> T:
+    """Decode TOML ``data`` into ``type_``; any problem becomes one ConfigError naming ``source``."""
+    try:
+        raw = msgspec.toml.decode(data)
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from e
+    try:
+        return msgspec.convert(raw, type_)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        m = _PATH_RE.search(msg)
+        if m:
+            field = m.group("path") or "(top level)"
+            value = _lookup(raw, m.group("path"))
+            what = msg[: m.start()]
+            raise ConfigError(f"{source}: field `{field}` = {value!r}: {what}") from e
+        raise ConfigError(f"{source}: {msg}") from e
+
+
+def load_toml(path: str | Path, type_: type[T]) -> T:
+    """Read and decode one TOML file into ``type_`` (see :func:`decode_toml`)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from e
+    return decode_toml(data, type_, str(p))
+
+
+def check(cond: bool, field: str, value: object, allowed: str) -> None:
+    """Raise ValueError for a cross-field rule; msgspec turns it into a ValidationError on decode."""
+    if not cond:
+        raise ValueError(f"field `{field}` = {value!r}: {allowed}")

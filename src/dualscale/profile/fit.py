@@ -1,0 +1,371 @@
+"""``dualscale profile fit``: rebuild the committed H100 x Llama-3.3-70B profile from public data.
+
+Which source the profile follows, and why:
+
+* Per-iteration latency and power vs batch and clock, TP2/TP4: the DualScale authors' own
+  LightGBM models (``biscale_authors_models``), only at their seven profiled clocks, inside the
+  training ranges and not flagged suspect (their README: trusted nowhere else).
+* Decode step time and power vs batch at the top clock: ML.ENERGY (measured, default clocks,
+  i.e. up to 1980 MHz), weighted above the authors' grid where the two disagree at large batch.
+  ML.ENERGY does not publish its prompt lengths: the mean prompt is an assumption
+  (``MLENERGY_PROMPT_TOKENS``), and the validation reports how sensitive the check is to it.
+* Prefill power: the authors' simulator power table (smoother than their tree power model).
+* Idle floor vs clock: the authors' simulator idle table (TP4, per GPU).
+* 1980 MHz and 345 MHz lie outside the authors' clocks: the slowdown curves continue their last
+  (first) segment linearly in 1/f, i.e. the clock law with the elasticity measured there, and
+  power continues linearly in f, then the 700 W cap applies at evaluation. The decode power
+  knot at 1980 MHz is fitted on ML.ENERGY, the only measurement at that clock.
+* TP8: the TP4 coefficients scaled by measured TP8/TP4 ratios: memory-bound terms by the
+  serving sweep's P99 TPOT ratio at 1830 MHz, compute-bound terms by Splitwise's batch-1 prompt
+  time ratio (prompts >= 1024 tokens). Splitwise's absolute H100 prefill times come from an older
+  stack and run slower than vLLM; only the ratio is used (``dualscale profile validate`` reports it).
+* KV capacity: usable memory per GPU fitted to DistServe's measured TP2/TP4 capacities with the
+  weight and KV sizes from the model geometry.
+
+The fit is deterministic: fixed start point, fixed data order, results rounded to 6 significant
+digits before they are written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import tomli_w
+from numpy.typing import NDArray
+from scipy.optimize import least_squares
+
+from dualscale.profile import datasets as ds
+from dualscale.profile.schema import ClockResponse, Coefficients, Gpu, Latency, Model, ProfileConfig
+
+PROFILE_NAME = "h100-sxm-llama-3.3-70b"
+REFERENCE_MHZ = 1830.0
+EXTENDED_KNOTS_MHZ = (345.0, 1980.0)
+#: Assumed mean prompt of ML.ENERGY's lm-arena-chat requests (not published by the benchmark).
+MLENERGY_PROMPT_TOKENS = 1000
+#: ML.ENERGY rows count this many times an authors' row in the decode fit (measured vs modelled).
+MLENERGY_WEIGHT = 3.0
+#: Prefill power rows at or above this share of the cap are capped; they only need P >= cap.
+CAP_SHARE = 0.97
+
+GPU = Gpu(
+    name="NVIDIA H100 80GB HBM3 (SXM5)",
+    memory_bytes=81559 * 2**20,
+    usable_memory_bytes=1,  # replaced by the fit
+    power_cap_w=700.0,
+    clock_min_mhz=345,
+    clock_max_mhz=1980,
+    clock_step_mhz=15,
+    source=(
+        "NVIDIA H100 SXM5 datasheet: 700 W TDP, SM clocks 345-1980 MHz in 15 MHz steps "
+        "(nvmlDeviceGetSupportedGraphicsClocks), 81559 MiB total; usable_memory_bytes: fit to "
+        "DistServe max_num_tokens (biscale_authors_sim/kv_capacity_tokens.csv)"
+    ),
+)
+
+MODEL = Model(
+    name="meta-llama/Llama-3.3-70B-Instruct",
+    layers=80,
+    hidden_size=8192,
+    kv_heads=8,
+    head_dim=128,
+    params=70_553_706_496,
+    bytes_per_param=2,
+    kv_block_tokens=64,
+    source=(
+        "model card config.json (80 layers, hidden 8192, 8 KV heads x 128, bf16, 70.55 B params); "
+        "64-token KV blocks as in the authors' DistServe simulator"
+    ),
+)
+
+
+@dataclass(frozen=True)
+class FitInputs:
+    """Everything the fit reads, as arrays (tests build these synthetically)."""
+
+    prefill: ds.Batches  # time_s and power_w per row (authors' grid)
+    decode: ds.Batches  # time_s and power_w per row (authors' grid)
+    decode_top: ds.Batches  # measured decode steps at the GPU's top clock (ML.ENERGY)
+    prefill_power: ds.Batches  # single-chunk prefill rows with busy power (time_s unused)
+    idle_freq_mhz: NDArray[np.float64]
+    idle_power_w: NDArray[np.float64]
+    kv_capacity_tokens: dict[int, int]
+    tp8_mem_ratio: float
+    tp8_comp_ratio: float
+
+
+def mlenergy_as_batches(m: ds.MlEnergyDecode, freq_mhz: float, prompt_tokens: int) -> ds.Batches:
+    """ML.ENERGY rows as decode batches: contexts = prompt + the output-weighted mean progress."""
+    batches, tp, freq = [], [], []
+    for b, out in zip(m.batch, m.avg_output_tokens):
+        n = max(1, round(b))
+        # a running request is on average half-way through its output, weighted by length
+        mean_ctx = prompt_tokens + 0.5 * out
+        batches.append(ds.spread_contexts(n, mean_ctx, 0.3 * mean_ctx))
+        tp.append(4)
+        freq.append(freq_mhz)
+    return ds.pack(tp, freq, batches, list(m.itl_s), list(m.power_w))
+
+
+def load_inputs(data_dir: Path, prompt_tokens: int = MLENERGY_PROMPT_TOKENS) -> FitInputs:
+    """Read every dataset the fit uses from ``data_dir`` (the shared data folder)."""
+    lut = ds.authors_prefill_power_lut(data_dir)
+    prefill_power = ds.pack(
+        list(lut.tp), list(lut.freq_mhz), [[int(t)] for t in lut.tokens],
+        [float("nan")] * len(lut.tp), list(lut.power_w),
+    )
+    idle_f, idle_w = ds.authors_idle_power(data_dir, tp=4)
+    sweep = ds.serving_sweep_lowest_load(data_dir)
+    at = {(int(t), float(f)): s for t, f, s in zip(sweep.tp, sweep.freq_mhz, sweep.tpot_s)}
+    sw = ds.splitwise_h100(data_dir)
+    comp = [sw[(8, "prompt", s, 1)] / sw[(4, "prompt", s, 1)] for s in (1024, 2048, 4096, 8192)]
+    return FitInputs(
+        prefill=ds.authors_prefill(data_dir),
+        decode=ds.authors_decode(data_dir),
+        decode_top=mlenergy_as_batches(ds.mlenergy_decode(data_dir), GPU.clock_max_mhz, prompt_tokens),
+        prefill_power=prefill_power,
+        idle_freq_mhz=idle_f,
+        idle_power_w=idle_w,
+        kv_capacity_tokens=ds.kv_capacity_tokens(data_dir),
+        tp8_mem_ratio=at[(8, REFERENCE_MHZ)] / at[(4, REFERENCE_MHZ)],
+        tp8_comp_ratio=float(np.median(comp)),
+    )
+
+
+# ---- features: the same work formulas as the kernels, row by row ------------------------------
+def features(b: ds.Batches, phase: str, attn_equiv: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per row: memory design [1, n, context] and compute work in token-equivalents."""
+    xm = np.zeros((len(b), 3))
+    xc = np.zeros(len(b))
+    for i in range(len(b)):
+        t = b.batch(i).astype(np.float64)
+        if phase == "prefill":  # fitted rows have no prefix
+            xm[i] = (1.0, len(t), 0.0)
+            xc[i] = t.sum() + attn_equiv * (0.5 * t * (t + 1.0)).sum()
+        else:
+            xm[i] = (1.0, len(t), t.sum())
+            xc[i] = len(t) + attn_equiv * t.sum()
+    return xm, xc
+
+
+def extend_inv(knots: NDArray[np.float64], s: NDArray[np.float64], at: float) -> float:
+    """Continue the nearest end segment of ``s(knots)`` linearly in 1/f to clock ``at``."""
+    i, j = (0, 1) if at < knots[0] else (-2, -1)
+    slope = (s[j] - s[i]) / (1.0 / knots[j] - 1.0 / knots[i])
+    return float(s[j] + slope * (1.0 / at - 1.0 / knots[j]))
+
+
+def extend_lin(knots: NDArray[np.float64], y: NDArray[np.float64], at: float) -> float:
+    """Continue the nearest end segment of ``y(knots)`` linearly in f to clock ``at``."""
+    i, j = (0, 1) if at < knots[0] else (-2, -1)
+    return float(y[j] + (y[j] - y[i]) / (knots[j] - knots[i]) * (at - knots[j]))
+
+
+@dataclass(frozen=True)
+class _Rows:
+    xm: NDArray[np.float64]
+    xc: NDArray[np.float64]
+    group: NDArray[np.int64]  # index into groups
+    knot: NDArray[np.int64]  # index into the full knot list
+    time_s: NDArray[np.float64]
+    weight: NDArray[np.float64]
+
+
+def _latency_rows(inputs: FitInputs, knots: NDArray[np.float64], groups: list[tuple[str, int]],
+                  attn: float) -> _Rows:
+    parts = []
+    for phase, b, w in (("prefill", inputs.prefill, 1.0), ("decode", inputs.decode, 1.0),
+                        ("decode", inputs.decode_top, MLENERGY_WEIGHT)):
+        if len(b) == 0:
+            continue
+        xm, xc = features(b, phase, attn)
+        g = np.array([groups.index((phase, int(t))) for t in b.tp])
+        k = np.array([int(np.flatnonzero(knots == f)[0]) for f in b.freq_mhz])
+        parts.append((xm, xc, g, k, b.time_s, np.full(len(b), w)))
+    return _Rows(*(np.concatenate(z) for z in zip(*parts)))
+
+
+def _p_norm(a: NDArray[np.float64], c: NDArray[np.float64], p: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    m = np.maximum(a, c)
+    ra, rc = (a / m) ** p, (c / m) ** p
+    return m * (ra + rc) ** (1.0 / p), ra / (ra + rc)
+
+
+def fit(inputs: FitInputs) -> ProfileConfig:
+    """Fit the profile; pure function of ``inputs`` (deterministic)."""
+    profiled = np.array(ds.AUTHORS_PROFILED_CLOCKS_MHZ, dtype=np.float64)
+    knots = np.concatenate([[EXTENDED_KNOTS_MHZ[0]], profiled, [EXTENDED_KNOTS_MHZ[1]]])
+    ref = int(np.flatnonzero(profiled == REFERENCE_MHZ)[0])
+    free = [i for i in range(len(profiled)) if i != ref]
+    attn = MODEL.attention_token_equiv
+    tps = sorted({int(t) for t in inputs.prefill.tp})
+    groups = [("prefill", t) for t in tps] + [("decode", t) for t in tps]
+    rows = _latency_rows(inputs, knots, groups, attn)
+    nf = len(free)
+
+    def curves(x: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        out = []
+        for part in (x[:nf], x[nf : 2 * nf]):
+            s = np.ones(len(profiled))
+            s[free] = np.exp(part)
+            out.append(np.concatenate([[extend_inv(profiled, s, knots[0])], s,
+                                       [extend_inv(profiled, s, knots[-1])]]))
+        return out[0], out[1]
+
+    # coefficient layout per group: [base, per_request, per_context, per_token]
+    def coefs(x: NDArray[np.float64]) -> NDArray[np.float64]:
+        th = np.exp(x[2 * nf : 2 * nf + 4 * len(groups)]).reshape(len(groups), 4)
+        th[[i for i, g in enumerate(groups) if g[0] == "prefill"], 2] = 0.0
+        return th
+
+    def predict(x: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        sm, sc = curves(x)
+        th = coefs(x)
+        a = (rows.xm * th[rows.group, :3]).sum(1) * sm[rows.knot]
+        c = rows.xc * th[rows.group, 3] * sc[rows.knot]
+        return _p_norm(a, c, float(np.exp(x[-1])))
+
+    def residuals(x: NDArray[np.float64]) -> NDArray[np.float64]:
+        return rows.weight * (predict(x)[0] / rows.time_s - 1.0)
+
+    x0 = np.concatenate([
+        np.log(np.linspace(2.2, 1.02, nf)),  # memory-bound: weakly clock-sensitive
+        np.log(REFERENCE_MHZ / profiled[free]),  # compute-bound: the clock law
+        np.log(np.tile([0.015, 1e-5, 2e-8, 5e-5], len(groups))),
+        [np.log(1.5)],
+    ])
+    sol = least_squares(residuals, x0, loss="soft_l1", f_scale=0.03, method="trf")
+    sm, sc = curves(sol.x)
+    th = coefs(sol.x)
+    p = float(np.exp(sol.x[-1]))
+    _, w_mem = predict(sol.x)
+
+    # ---- power: per knot, linear least squares of (P - idle) on the two work shares ------------
+    idle = np.interp(profiled, inputs.idle_freq_mhz, inputs.idle_power_w)
+    idle_k = np.concatenate([[extend_lin(profiled, idle, knots[0])], idle, [extend_lin(profiled, idle, knots[-1])]])
+    power = {}
+    for phase, sets in (("prefill", [inputs.prefill_power]), ("decode", [inputs.decode, inputs.decode_top])):
+        fk_rows = []
+        for b in sets:
+            xm, xc = features(b, phase, attn)
+            g = np.array([groups.index((phase, int(t))) for t in b.tp])
+            k = np.array([int(np.flatnonzero(knots == f)[0]) for f in b.freq_mhz])
+            a = (xm * th[g, :3]).sum(1) * sm[k]
+            c = xc * th[g, 3] * sc[k]
+            _, wm = _p_norm(a, c, p)
+            fk_rows.append((k, wm, b.power_w))
+        k_all, wm_all, pw_all = (np.concatenate(z) for z in zip(*fk_rows))
+        mem_w = np.full(len(knots), np.nan)
+        # Tensor-core-bound work draws the same power in either phase; decode batches are mostly
+        # memory-bound, so their compute share is too small to pin a curve of their own.
+        comp_w = np.full(len(knots), np.nan) if phase == "prefill" else power["prefill"][1]
+        for kk in range(len(knots)):
+            m = (k_all == kk) & (pw_all < CAP_SHARE * GPU.power_cap_w)
+            if m.sum() < 2:
+                continue
+            y = (pw_all[m] - idle_k[kk]) / pw_all[m]
+            if phase == "prefill":
+                A = np.stack([wm_all[m], 1.0 - wm_all[m]], 1) / pw_all[m, None]
+                mem_w[kk], comp_w[kk] = np.linalg.lstsq(A, y, rcond=None)[0]
+            else:
+                y = y - (1.0 - wm_all[m]) * comp_w[kk] / pw_all[m]
+                a = wm_all[m] / pw_all[m]
+                mem_w[kk] = float(a @ y / (a @ a))
+        for arr in (mem_w, comp_w):
+            inner = arr[1:-1]
+            for end, at in ((0, knots[0]), (-1, knots[-1])):
+                if np.isnan(arr[end]):
+                    arr[end] = extend_lin(profiled, inner, at)
+        power[phase] = (mem_w, comp_w)
+
+    # ---- TP8 from TP4, KV memory ---------------------------------------------------------
+    lat: dict[str, list[Coefficients]] = {"prefill": [], "decode": []}
+    src_fit = ("least-squares fit (soft-L1, relative error) on biscale_authors_models trusted rows "
+               "at the 7 profiled clocks")
+    for (phase, tp), v in zip(groups, th):
+        per_ctx = float(v[2]) if phase == "decode" else float(th[groups.index(("decode", tp)), 2])
+        src = src_fit + (f" + ML.ENERGY TP4 decode (weight {MLENERGY_WEIGHT:g}, assumed prompt "
+                         f"{MLENERGY_PROMPT_TOKENS} tokens)" if (phase, tp) == ("decode", 4) else "")
+        if phase == "prefill":
+            src += "; per_context_token_s: assumed equal to decode's (prefix KV read)"
+        lat[phase].append(Coefficients(tp=tp, base_s=v[0], per_request_s=v[1], per_context_token_s=per_ctx,
+                                       per_token_s=v[3], source=src))
+    for phase in ("prefill", "decode"):
+        c4 = next(c for c in lat[phase] if c.tp == 4)
+        lat[phase].append(Coefficients(
+            tp=8, base_s=c4.base_s * inputs.tp8_mem_ratio, per_request_s=c4.per_request_s * inputs.tp8_mem_ratio,
+            per_context_token_s=c4.per_context_token_s * inputs.tp8_mem_ratio,
+            per_token_s=c4.per_token_s * inputs.tp8_comp_ratio,
+            source=(f"TP4 x measured TP8/TP4 ratios: memory-bound x {inputs.tp8_mem_ratio:.4g} (serving sweep "
+                    f"P99 TPOT at 1830 MHz), compute-bound x {inputs.tp8_comp_ratio:.4g} (Splitwise H100 "
+                    "batch-1 prompt time, prompts 1024-8192)"),
+        ))
+    kvb = MODEL.kv_bytes_per_token
+    caps = inputs.kv_capacity_tokens
+    usable = sum(t * (c * kvb + MODEL.weight_bytes) for t, c in caps.items()) / sum(t * t for t in caps)
+
+    cr = ClockResponse(
+        knots_mhz=list(knots), reference_mhz=REFERENCE_MHZ,
+        mem_slowdown=list(sm), comp_slowdown=list(sc), idle_power_w=list(idle_k),
+        prefill_mem_power_w=list(power["prefill"][0]), prefill_comp_power_w=list(power["prefill"][1]),
+        decode_mem_power_w=list(power["decode"][0]), decode_comp_power_w=list(power["decode"][1]),
+        source=(
+            "slowdowns: fit with the coefficients (biscale_authors_models, 7 profiled clocks; ML.ENERGY at "
+            "1980 MHz), 345/1980 MHz continued linearly in 1/f; idle: biscale_authors_sim prefill idle floor "
+            "(TP4, simulator variant); power: per-knot least squares, prefill on biscale_authors_sim power LUT "
+            "(rows below 97 % of the cap), decode memory-bound power on biscale_authors_models decode power + ML.ENERGY at 1980 MHz, decode compute-bound power = prefill's; "
+            "prefill power at 345/1980 MHz continued linearly in f (the 700 W cap applies at evaluation)"
+        ),
+    )
+    cfg = ProfileConfig(
+        format=1,
+        name=PROFILE_NAME,
+        description="NVIDIA H100 SXM5 x Llama-3.3-70B-Instruct (bf16), TP 2/4/8; built by `dualscale profile fit`",
+        gpu=msgspec.structs.replace(GPU, usable_memory_bytes=int(round(usable))),
+        model=MODEL,
+        clock_response=cr,
+        latency=Latency(overlap_exponent=p, prefill=lat["prefill"], decode=lat["decode"],
+                        source="fit (see each entry); overlap_exponent: fitted jointly with the coefficients"),
+    )
+    return _rounded(cfg)
+
+
+def _round(x: object) -> object:
+    if isinstance(x, (float, np.floating)):
+        return float(f"{float(x):.6g}")
+    if isinstance(x, list):
+        return [_round(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    return x
+
+
+def _rounded(cfg: ProfileConfig) -> ProfileConfig:
+    return msgspec.convert(_round(msgspec.to_builtins(cfg, enc_hook=float)), ProfileConfig)
+
+
+def to_toml(cfg: ProfileConfig) -> bytes:
+    header = (
+        "# Generated by `dualscale profile fit`; edit by re-running it (or replace [clock_response]\n"
+        "# with a sweep of your own hardware). Units are in the field names; `source` says where\n"
+        "# every number comes from. Model: see dualscale/profile/schema.py.\n"
+    )
+    return header.encode() + tomli_w.dumps(msgspec.to_builtins(cfg)).encode()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+

@@ -1,0 +1,223 @@
+"""Profile: latency and power of one (GPU, model) pair as functions of the batch and the SM clock.
+
+Everything above this module (controllers, simulator, placement) asks the profile; nothing reads
+the profile file directly. Curves from the file are expanded once, at load, onto the GPU's full
+supported clock grid, so a decision evaluates a batch on every clock with one kernel call.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from dualscale._kernels import perf_model as pm
+from dualscale.config import builtin_config_dir, load_toml
+from dualscale.errors import ConfigError
+from dualscale.profile.schema import ClockResponse, ProfileConfig
+
+Phase = Literal["prefill", "decode"]
+PHASES: tuple[Phase, ...] = ("prefill", "decode")
+FloatOrArray = float | NDArray[np.float64]
+
+
+def builtin_profiles() -> list[str]:
+    """Names of the profiles shipped with dualscale."""
+    return sorted(p.stem for p in (builtin_config_dir() / "profiles").glob("*.toml"))
+
+
+def interp_curves(cr: ClockResponse, freq_mhz: NDArray[np.float64], phase: Phase) -> NDArray[np.float64]:
+    """The (5, F) clock table of ``phase`` at ``freq_mhz``: slowdowns linear in 1/f, powers linear in f."""
+    knots = np.asarray(cr.knots_mhz, dtype=np.float64)
+    table = np.empty((pm.N_TABLE_ROWS, len(freq_mhz)))
+    # np.interp needs ascending x: 1/f descends with f, so reverse both.
+    inv = 1.0 / freq_mhz
+    table[pm.T_MEM_SLOWDOWN] = np.interp(inv, 1.0 / knots[::-1], np.asarray(cr.mem_slowdown)[::-1])
+    table[pm.T_COMP_SLOWDOWN] = np.interp(inv, 1.0 / knots[::-1], np.asarray(cr.comp_slowdown)[::-1])
+    table[pm.T_IDLE_W] = np.interp(freq_mhz, knots, cr.idle_power_w)
+    mem_w = cr.prefill_mem_power_w if phase == "prefill" else cr.decode_mem_power_w
+    comp_w = cr.prefill_comp_power_w if phase == "prefill" else cr.decode_comp_power_w
+    table[pm.T_MEM_POWER_W] = np.interp(freq_mhz, knots, mem_w)
+    table[pm.T_COMP_POWER_W] = np.interp(freq_mhz, knots, comp_w)
+    return table
+
+
+class Profile:
+    """Latency and power model of one (GPU, model) pair. Load with :meth:`Profile.load`.
+
+    Token arguments are integer arrays with one entry per request of the batch. ``freq_mhz`` is
+    a scalar (the result is a float) or a 1-D array of clocks (the result is an array over
+    clocks). Power is per GPU, in W; times are in seconds.
+    """
+
+    def __init__(self, config: ProfileConfig, origin: str = "<memory>") -> None:
+        self.config = config
+        self.origin = origin
+        g = config.gpu
+        self.clocks_mhz: NDArray[np.int64] = np.arange(
+            g.clock_min_mhz, g.clock_max_mhz + 1, g.clock_step_mhz, dtype=np.int64
+        )
+        self.clocks_mhz.setflags(write=False)
+        self.tp_degrees: tuple[int, ...] = tuple(sorted(c.tp for c in config.latency.prefill))
+        self._coef: dict[tuple[Phase, int], NDArray[np.float64]] = {}
+        for phase in PHASES:
+            for c in getattr(config.latency, phase):
+                v = np.zeros(pm.N_COEF)
+                v[pm.C_BASE_S] = c.base_s
+                v[pm.C_PER_REQUEST_S] = c.per_request_s
+                v[pm.C_PER_CONTEXT_TOKEN_S] = c.per_context_token_s
+                v[pm.C_PER_TOKEN_S] = c.per_token_s
+                v[pm.C_ATTN_TOKEN_EQUIV] = config.model.attention_token_equiv
+                v[pm.C_OVERLAP_EXP] = config.latency.overlap_exponent
+                v[pm.C_POWER_CAP_W] = g.power_cap_w
+                v.setflags(write=False)
+                self._coef[(phase, c.tp)] = v
+        grid = self.clocks_mhz.astype(np.float64)
+        self._grid_tables = {ph: interp_curves(config.clock_response, grid, ph) for ph in PHASES}
+        for t in self._grid_tables.values():
+            t.setflags(write=False)
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> Profile:
+        """Load a built-in profile by name (e.g. ``"h100-sxm-llama-3.3-70b"``) or a TOML file by path."""
+        p = Path(name_or_path)
+        if p.suffix == ".toml" or p.exists():
+            return cls(load_toml(p, ProfileConfig), str(p))
+        builtin = builtin_config_dir() / "profiles" / f"{name_or_path}.toml"
+        if not builtin.is_file():
+            raise ConfigError(
+                f"profile {str(name_or_path)!r}: no such built-in profile or file; "
+                f"built-in profiles: {', '.join(builtin_profiles()) or '(none found)'}"
+            )
+        return cls(load_toml(builtin, ProfileConfig), str(name_or_path))
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def __repr__(self) -> str:
+        return f"Profile({self.name!r}, tp={self.tp_degrees}, clocks={self.clocks_mhz[0]}..{self.clocks_mhz[-1]} MHz)"
+
+    # ---- memory --------------------------------------------------------------------------
+    def kv_capacity_tokens(self, tp: int) -> int:
+        """KV-cache tokens an instance of ``tp`` GPUs holds, rounded down to whole KV blocks."""
+        self._check_tp(tp)
+        m, g = self.config.model, self.config.gpu
+        free = tp * g.usable_memory_bytes - m.weight_bytes
+        tokens = max(0, free) // m.kv_bytes_per_token
+        return int(tokens // m.kv_block_tokens * m.kv_block_tokens)
+
+    # ---- validation helpers ----------------------------------------------------------------
+    def _check_tp(self, tp: int) -> None:
+        if tp not in self.tp_degrees:
+            raise ValueError(f"tp = {tp!r}: this profile covers tp in {self.tp_degrees}")
+
+    def _freqs(self, freq_mhz: ArrayLike) -> tuple[NDArray[np.float64], bool]:
+        f = np.asarray(freq_mhz, dtype=np.float64)
+        if f.ndim > 1:
+            raise ValueError(f"freq_mhz: expected a scalar or 1-D array, got shape {f.shape}")
+        lo, hi = self.clocks_mhz[0], self.clocks_mhz[-1]
+        if not np.all(np.isfinite(f)) or np.any(f < lo) or np.any(f > hi):
+            bad = f[~(np.isfinite(f) & (f >= lo) & (f <= hi))].ravel()[0]
+            raise ValueError(f"freq_mhz = {bad!r}: must be finite and within [{lo}, {hi}] MHz")
+        return np.atleast_1d(f), f.ndim == 0
+
+    @staticmethod
+    def _tokens(name: str, x: ArrayLike, minimum: int) -> NDArray[np.int64]:
+        a = np.asarray(x)
+        if a.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-D array of integers (one per request), got shape {a.shape}")
+        if a.size == 0:
+            raise ValueError(f"{name}: empty batch; needs at least one request")
+        if a.dtype.kind == "f":
+            if not np.all(np.isfinite(a)) or np.any(a != np.floor(a)):
+                raise ValueError(f"{name}: token counts must be finite whole numbers")
+        elif a.dtype.kind not in "iu":
+            raise TypeError(f"{name}: expected integer token counts, got dtype {a.dtype}")
+        if np.any(a < minimum):
+            raise ValueError(f"{name} = {a.min()!r} at some request: must be >= {minimum}")
+        return np.ascontiguousarray(a, dtype=np.int64)
+
+    def clock_table(self, phase: Phase, freq_mhz: ArrayLike | None = None) -> NDArray[np.float64]:
+        """The (5, F) per-clock table the kernels take, for ``freq_mhz`` (default: the full grid)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase = {phase!r}: must be one of {PHASES}")
+        if freq_mhz is None:
+            return self._grid_tables[phase]
+        f, _ = self._freqs(freq_mhz)
+        idx = (f - self.clocks_mhz[0]) / self.config.gpu.clock_step_mhz
+        if np.all(idx == np.round(idx)):
+            return np.ascontiguousarray(self._grid_tables[phase][:, idx.astype(np.int64)])
+        return interp_curves(self.config.clock_response, f, phase)
+
+    def coefficients(self, phase: Phase, tp: int) -> NDArray[np.float64]:
+        """The kernel coefficient vector of ``phase`` at ``tp`` (read-only)."""
+        self._check_tp(tp)
+        return self._coef[(phase, tp)]
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def prefill(self, tp: int, chunk_tokens: ArrayLike, freq_mhz: ArrayLike,
+                prefix_tokens: ArrayLike | None = None) -> tuple[FloatOrArray, FloatOrArray]:
+        """(time_s, power_w per GPU) of one prefill batch at ``freq_mhz``."""
+        self._check_tp(tp)
+        chunks = self._tokens("chunk_tokens", chunk_tokens, 1)
+        if prefix_tokens is None:
+            prefix = np.zeros_like(chunks)
+        else:
+            prefix = self._tokens("prefix_tokens", prefix_tokens, 0)
+            if prefix.shape != chunks.shape:
+                raise ValueError(
+                    f"prefix_tokens: length {prefix.size} does not match chunk_tokens length {chunks.size}"
+                )
+        f, scalar = self._freqs(freq_mhz)
+        out = np.empty((2, f.size))
+        pm.prefill_grid(chunks, prefix, self._coef[("prefill", tp)], self.clock_table("prefill", f), out)
+        return self._result(out, scalar)
+
+    def decode(self, tp: int, context_tokens: ArrayLike, freq_mhz: ArrayLike) -> tuple[FloatOrArray, FloatOrArray]:
+        """(time_s, power_w per GPU) of one decode step of the batch at ``freq_mhz``."""
+        self._check_tp(tp)
+        ctx = self._tokens("context_tokens", context_tokens, 1)
+        f, scalar = self._freqs(freq_mhz)
+        out = np.empty((2, f.size))
+        pm.decode_grid(ctx, self._coef[("decode", tp)], self.clock_table("decode", f), out)
+        return self._result(out, scalar)
+
+    @staticmethod
+    def _result(out: NDArray[np.float64], scalar: bool) -> tuple[FloatOrArray, FloatOrArray]:
+        if scalar:
+            return float(out[0, 0]), float(out[1, 0])
+        return out[0], out[1]
+
+    def prefill_time_s(self, tp: int, chunk_tokens: ArrayLike, freq_mhz: ArrayLike,
+                       prefix_tokens: ArrayLike | None = None) -> FloatOrArray:
+        """Seconds one prefill iteration takes (see :meth:`prefill`)."""
+        return self.prefill(tp, chunk_tokens, freq_mhz, prefix_tokens)[0]
+
+    def prefill_power_w(self, tp: int, chunk_tokens: ArrayLike, freq_mhz: ArrayLike,
+                        prefix_tokens: ArrayLike | None = None) -> FloatOrArray:
+        """Average power per GPU (W) during one prefill iteration (see :meth:`prefill`)."""
+        return self.prefill(tp, chunk_tokens, freq_mhz, prefix_tokens)[1]
+
+    def decode_time_s(self, tp: int, context_tokens: ArrayLike, freq_mhz: ArrayLike) -> FloatOrArray:
+        """Seconds one decode step takes (see :meth:`decode`)."""
+        return self.decode(tp, context_tokens, freq_mhz)[0]
+
+    def decode_power_w(self, tp: int, context_tokens: ArrayLike, freq_mhz: ArrayLike) -> FloatOrArray:
+        """Average power per GPU (W) during one decode step (see :meth:`decode`)."""
+        return self.decode(tp, context_tokens, freq_mhz)[1]
+
+    def idle_power_w(self, freq_mhz: ArrayLike) -> FloatOrArray:
+        """Power per GPU (W) of an idle GPU locked at ``freq_mhz``."""
+        f, scalar = self._freqs(freq_mhz)
+        w = self.clock_table("prefill", f)[pm.T_IDLE_W]
+        return float(w[0]) if scalar else w
+
+    @cached_property
+    def top_clock_mhz(self) -> int:
+        return int(self.clocks_mhz[-1])
+

@@ -1,0 +1,152 @@
+"""The profile file format: latency and power of one (GPU, model) pair, as msgspec Structs.
+
+Model (per iteration, one instance of ``tp`` GPUs, clock ``f``)::
+
+    mem_s  = base_s + per_request_s * n + per_context_token_s * sum(context)     (memory-bound work)
+    comp_s = per_token_s * (sum(tokens) + attention_pairs * attention_token_equiv)  (compute-bound)
+    time_s(f)  = ((mem_s * mem_slowdown(f))**p + (comp_s * comp_slowdown(f))**p) ** (1/p)
+    power_w(f) = min(cap, idle_power_w(f) + w_mem * mem_power_w(f) + w_comp * comp_power_w(f))
+
+with ``w_mem``/``w_comp`` the shares of the two terms inside the p-norm. The clock-dependent
+curves live in :class:`ClockResponse`, apart from the batch-dependent coefficients, so a sweep
+on real hardware can replace them without refitting the rest. Slowdowns are interpolated
+linearly in 1/f (time of clock-bound work scales with 1/f), power curves linearly in f.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from dualscale.config import check
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+Source = Annotated[str, msgspec.Meta(min_length=3)]
+TP_DEGREES = (1, 2, 4, 8, 16)
+
+
+class _Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Gpu(_Frozen):
+    name: str
+    memory_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    usable_memory_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    power_cap_w: Positive
+    clock_min_mhz: Annotated[int, msgspec.Meta(gt=0)]
+    clock_max_mhz: Annotated[int, msgspec.Meta(gt=0)]
+    clock_step_mhz: Annotated[int, msgspec.Meta(gt=0)]
+    source: Source
+
+    def __post_init__(self) -> None:
+        check(self.clock_max_mhz > self.clock_min_mhz, "gpu.clock_max_mhz", self.clock_max_mhz,
+              f"must exceed gpu.clock_min_mhz = {self.clock_min_mhz}")
+        span = self.clock_max_mhz - self.clock_min_mhz
+        check(span % self.clock_step_mhz == 0, "gpu.clock_step_mhz", self.clock_step_mhz,
+              f"must divide clock_max_mhz - clock_min_mhz = {span}")
+        check(self.usable_memory_bytes <= self.memory_bytes, "gpu.usable_memory_bytes",
+              self.usable_memory_bytes, f"must be <= gpu.memory_bytes = {self.memory_bytes}")
+
+
+class Model(_Frozen):
+    name: str
+    layers: Annotated[int, msgspec.Meta(gt=0)]
+    hidden_size: Annotated[int, msgspec.Meta(gt=0)]
+    kv_heads: Annotated[int, msgspec.Meta(gt=0)]
+    head_dim: Annotated[int, msgspec.Meta(gt=0)]
+    params: Annotated[int, msgspec.Meta(gt=0)]
+    bytes_per_param: Annotated[int, msgspec.Meta(gt=0)]
+    kv_block_tokens: Annotated[int, msgspec.Meta(gt=0)]
+    source: Source
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V for every layer and KV head, all TP shards together."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_param
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params * self.bytes_per_param
+
+    @property
+    def attention_token_equiv(self) -> float:
+        """Linear-layer token-equivalents of one (query, key) attention pair: 4*d*L / (2*params) FLOPs."""
+        return 4.0 * self.hidden_size * self.layers / (2.0 * self.params)
+
+
+class ClockResponse(_Frozen):
+    """Clock-dependent curves at knots (ascending MHz), normalised to 1 at ``reference_mhz``."""
+
+    knots_mhz: list[Positive]
+    reference_mhz: Positive
+    mem_slowdown: list[Positive]
+    comp_slowdown: list[Positive]
+    idle_power_w: list[NonNeg]
+    prefill_mem_power_w: list[float]
+    prefill_comp_power_w: list[float]
+    decode_mem_power_w: list[float]
+    decode_comp_power_w: list[float]
+    source: Source
+
+    def __post_init__(self) -> None:
+        k = self.knots_mhz
+        check(len(k) >= 2, "clock_response.knots_mhz", k, "needs at least 2 knots")
+        check(all(a < b for a, b in zip(k, k[1:])), "clock_response.knots_mhz", k, "must be strictly ascending")
+        check(self.reference_mhz in k, "clock_response.reference_mhz", self.reference_mhz,
+              "must be one of clock_response.knots_mhz")
+        for name in ("mem_slowdown", "comp_slowdown", "idle_power_w", "prefill_mem_power_w",
+                     "prefill_comp_power_w", "decode_mem_power_w", "decode_comp_power_w"):
+            v = getattr(self, name)
+            check(len(v) == len(k), f"clock_response.{name}", f"{len(v)} values",
+                  f"must have one value per knot ({len(k)})")
+
+
+class Coefficients(_Frozen):
+    """Batch-dependent work of one phase at one TP degree, in seconds at the reference clock."""
+
+    tp: Annotated[int, msgspec.Meta(gt=0)]
+    base_s: NonNeg
+    per_request_s: NonNeg
+    per_context_token_s: NonNeg
+    per_token_s: NonNeg
+    source: Source
+
+    def __post_init__(self) -> None:
+        check(self.tp in TP_DEGREES, "latency.*.tp", self.tp, f"must be one of {TP_DEGREES}")
+
+
+class Latency(_Frozen):
+    overlap_exponent: Annotated[float, msgspec.Meta(ge=1, le=16)]
+    prefill: list[Coefficients]
+    decode: list[Coefficients]
+    source: Source
+
+    def __post_init__(self) -> None:
+        for phase in ("prefill", "decode"):
+            tps = [c.tp for c in getattr(self, phase)]
+            check(len(tps) > 0, f"latency.{phase}", tps, "needs at least one TP degree")
+            check(len(set(tps)) == len(tps), f"latency.{phase}", tps, "TP degrees must be unique")
+        check({c.tp for c in self.prefill} == {c.tp for c in self.decode}, "latency.decode",
+              sorted(c.tp for c in self.decode),
+              f"must cover the same TP degrees as latency.prefill {sorted(c.tp for c in self.prefill)}")
+
+
+class ProfileConfig(_Frozen):
+    """One (GPU, model) profile file. Every section carries ``source``: dataset, fit or assumption."""
+
+    format: Literal[1]
+    name: str
+    description: str
+    gpu: Gpu
+    model: Model
+    clock_response: ClockResponse
+    latency: Latency
+
+    def __post_init__(self) -> None:
+        k = self.clock_response.knots_mhz
+        check(k[0] <= self.gpu.clock_min_mhz and k[-1] >= self.gpu.clock_max_mhz,
+              "clock_response.knots_mhz", [k[0], k[-1]],
+              f"must span the GPU clock range [{self.gpu.clock_min_mhz}, {self.gpu.clock_max_mhz}] MHz")
