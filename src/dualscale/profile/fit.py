@@ -189,10 +189,10 @@ def _latency_rows(inputs: FitInputs, knots: NDArray[np.float64], groups: list[tu
     return _Rows(*(np.concatenate(z) for z in zip(*parts)))
 
 
-def _p_norm(a: NDArray[np.float64], c: NDArray[np.float64], p: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _p_norm(a: NDArray[np.float64], c: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     m = np.maximum(a, c)
-    ra, rc = (a / m) ** p, (c / m) ** p
-    return m * (ra + rc) ** (1.0 / p), ra / (ra + rc)
+    ra, rc = (a / m) ** 2, (c / m) ** 2
+    return m * np.sqrt(ra + rc), ra / (ra + rc)
 
 
 def fit(inputs: FitInputs) -> ProfileConfig:
@@ -227,7 +227,7 @@ def fit(inputs: FitInputs) -> ProfileConfig:
         th = coefs(x)
         a = (rows.xm * th[rows.group, :3]).sum(1) * sm[rows.knot]
         c = rows.xc * th[rows.group, 3] * sc[rows.knot]
-        return _p_norm(a, c, float(np.exp(x[-1])))
+        return _p_norm(a, c)
 
     def residuals(x: NDArray[np.float64]) -> NDArray[np.float64]:
         return rows.weight * (predict(x)[0] / rows.time_s - 1.0)
@@ -236,12 +236,13 @@ def fit(inputs: FitInputs) -> ProfileConfig:
         np.log(np.linspace(2.2, 1.02, nf)),  # memory-bound: weakly clock-sensitive
         np.log(REFERENCE_MHZ / profiled[free]),  # compute-bound: the clock law
         np.log(np.tile([0.015, 1e-5, 2e-8, 5e-5], len(groups))),
-        [np.log(1.5)],
     ])
-    sol = least_squares(residuals, x0, loss="soft_l1", f_scale=0.03, method="trf")
+    # log-parameters: slowdowns within [e^-3, e^3], coefficients within [e^-40, 1] s
+    lo = np.concatenate([np.full(2 * nf, -3.0), np.full(4 * len(groups), -40.0)])
+    hi = np.concatenate([np.full(2 * nf, 3.0), np.full(4 * len(groups), 0.0)])
+    sol = least_squares(residuals, np.clip(x0, lo, hi), bounds=(lo, hi), loss="soft_l1", f_scale=0.03, method="trf")
     sm, sc = curves(sol.x)
     th = coefs(sol.x)
-    p = float(np.exp(sol.x[-1]))
     _, w_mem = predict(sol.x)
 
     # ---- power: per knot, linear least squares of (P - idle) on the two work shares ------------
@@ -256,7 +257,7 @@ def fit(inputs: FitInputs) -> ProfileConfig:
             k = np.array([int(np.flatnonzero(knots == f)[0]) for f in b.freq_mhz])
             a = (xm * th[g, :3]).sum(1) * sm[k]
             c = xc * th[g, 3] * sc[k]
-            _, wm = _p_norm(a, c, p)
+            _, wm = _p_norm(a, c)
             fk_rows.append((k, wm, b.power_w))
         k_all, wm_all, pw_all = (np.concatenate(z) for z in zip(*fk_rows))
         mem_w = np.full(len(knots), np.nan)
@@ -328,8 +329,8 @@ def fit(inputs: FitInputs) -> ProfileConfig:
         gpu=msgspec.structs.replace(GPU, usable_memory_bytes=int(round(usable))),
         model=MODEL,
         clock_response=cr,
-        latency=Latency(overlap_exponent=p, prefill=lat["prefill"], decode=lat["decode"],
-                        source="fit (see each entry); overlap_exponent: fitted jointly with the coefficients"),
+        latency=Latency(prefill=lat["prefill"], decode=lat["decode"],
+                        source="per-entry sources below; form: soft roofline (schema.py)"),
     )
     return _rounded(cfg)
 

@@ -71,7 +71,6 @@ class Profile:
                 v[pm.C_PER_CONTEXT_TOKEN_S] = c.per_context_token_s
                 v[pm.C_PER_TOKEN_S] = c.per_token_s
                 v[pm.C_ATTN_TOKEN_EQUIV] = config.model.attention_token_equiv
-                v[pm.C_OVERLAP_EXP] = config.latency.overlap_exponent
                 v[pm.C_POWER_CAP_W] = g.power_cap_w
                 v.setflags(write=False)
                 self._coef[(phase, c.tp)] = v
@@ -122,7 +121,7 @@ class Profile:
             raise ValueError(f"freq_mhz: expected a scalar or 1-D array, got shape {f.shape}")
         lo, hi = self.clocks_mhz[0], self.clocks_mhz[-1]
         if not np.all(np.isfinite(f)) or np.any(f < lo) or np.any(f > hi):
-            bad = f[~(np.isfinite(f) & (f >= lo) & (f <= hi))].ravel()[0]
+            bad = f[~(np.isfinite(f) & (f >= lo) & (f <= hi))].ravel()[0].item()
             raise ValueError(f"freq_mhz = {bad!r}: must be finite and within [{lo}, {hi}] MHz")
         return np.atleast_1d(f), f.ndim == 0
 
@@ -139,7 +138,8 @@ class Profile:
         elif a.dtype.kind not in "iu":
             raise TypeError(f"{name}: expected integer token counts, got dtype {a.dtype}")
         if np.any(a < minimum):
-            raise ValueError(f"{name} = {a.min()!r} at some request: must be >= {minimum}")
+            i = int(np.argmin(a))
+            raise ValueError(f"{name} = {a[i].item()!r} at request {i}: must be >= {minimum}")
         return np.ascontiguousarray(a, dtype=np.int64)
 
     def clock_table(self, phase: Phase, freq_mhz: ArrayLike | None = None) -> NDArray[np.float64]:

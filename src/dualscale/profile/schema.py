@@ -4,10 +4,10 @@ Model (per iteration, one instance of ``tp`` GPUs, clock ``f``)::
 
     mem_s  = base_s + per_request_s * n + per_context_token_s * sum(context)     (memory-bound work)
     comp_s = per_token_s * (sum(tokens) + attention_pairs * attention_token_equiv)  (compute-bound)
-    time_s(f)  = ((mem_s * mem_slowdown(f))**p + (comp_s * comp_slowdown(f))**p) ** (1/p)
+    time_s(f)  = sqrt((mem_s * mem_slowdown(f))**2 + (comp_s * comp_slowdown(f))**2)   (soft roofline)
     power_w(f) = min(cap, idle_power_w(f) + w_mem * mem_power_w(f) + w_comp * comp_power_w(f))
 
-with ``w_mem``/``w_comp`` the shares of the two terms inside the p-norm. The clock-dependent
+with ``w_mem``/``w_comp`` the shares of the two squared terms. The clock-dependent
 curves live in :class:`ClockResponse`, apart from the batch-dependent coefficients, so a sweep
 on real hardware can replace them without refitting the rest. Slowdowns are interpolated
 linearly in 1/f (time of clock-bound work scales with 1/f), power curves linearly in f.
@@ -119,7 +119,6 @@ class Coefficients(_Frozen):
 
 
 class Latency(_Frozen):
-    overlap_exponent: Annotated[float, msgspec.Meta(ge=1, le=16)]
     prefill: list[Coefficients]
     decode: list[Coefficients]
     source: Source

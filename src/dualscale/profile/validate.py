@@ -174,14 +174,12 @@ def form_fit_latency(s: ds.ClockSweep, phase: str, spacing_mhz: float) -> tuple[
         th = np.exp(x[2 * nk - 2 : 2 * nk + 2])
         a = (xm @ th[:3]) * _interp_inv(s.freq_mhz, sp.knots, sm)
         c = xc * th[3] * _interp_inv(s.freq_mhz, sp.knots, sc)
-        p = np.exp(x[-1])
-        m = np.maximum(a, c)
-        return m * ((a / m) ** p + (c / m) ** p) ** (1 / p)
+        return np.hypot(a, c)
 
     top = sp.knots[-1]
     x0 = np.concatenate([np.log(np.sqrt(top / sp.knots[:-1])), np.log(top / sp.knots[:-1]),
                          np.log([np.median(s.time_s) / 3, 1e-4, 1e-4, np.median(s.time_s) / max(np.median(xc), 1)]),
-                         [np.log(2.0)]])
+                         ])
     tr = sp.train
     sol = least_squares(lambda x: predict(x)[tr] / s.time_s[tr] - 1.0, x0, loss="soft_l1", f_scale=0.03)
     return predict(sol.x), ~tr
