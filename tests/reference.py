@@ -14,7 +14,8 @@ def eval_clocks(mem_s, comp_s, coef, table):
     idle = table[pm.T_IDLE_W]
     with np.errstate(invalid="ignore", divide="ignore"):
         time_s = np.hypot(a, b)
-        w_mem = a**2 / (a**2 + b**2)
+        m = np.maximum(a, b)
+        w_mem = (a / m) ** 2 / ((a / m) ** 2 + (b / m) ** 2)
     power = idle + w_mem * table[pm.T_MEM_POWER_W] + (1 - w_mem) * table[pm.T_COMP_POWER_W]
     power = np.minimum(coef[pm.C_POWER_CAP_W], np.maximum(idle, power))
     zero = (a <= 0) & (b <= 0)

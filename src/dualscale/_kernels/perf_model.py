@@ -43,14 +43,18 @@ def eval_clocks(mem_s, comp_s, coef, table, out):
         a = mem_s * table[T_MEM_SLOWDOWN, k]
         b = comp_s * table[T_COMP_SLOWDOWN, k]
         idle = table[T_IDLE_W, k]
-        s = a * a + b * b
-        if s <= 0.0:
+        m = max(a, b)
+        if m <= 0.0:
             out[O_TIME_S, k] = 0.0
             out[O_POWER_W, k] = idle
             continue
-        # soft roofline: the two kinds of work overlap as the Euclidean norm (p = 2 keeps it to one sqrt)
-        out[O_TIME_S, k] = np.sqrt(s)
-        w_mem = a * a / s
+        # soft roofline: the two kinds of work overlap as the Euclidean norm, scaled by the larger
+        # term so tiny or huge values neither underflow nor overflow (one sqrt per clock)
+        ra = a / m
+        rb = b / m
+        s = ra * ra + rb * rb
+        out[O_TIME_S, k] = m * np.sqrt(s)
+        w_mem = ra * ra / s
         power = idle + w_mem * table[T_MEM_POWER_W, k] + (1.0 - w_mem) * table[T_COMP_POWER_W, k]
         out[O_POWER_W, k] = min(cap_w, max(idle, power))
 
