@@ -189,7 +189,7 @@ def _latency_rows(inputs: FitInputs, knots: NDArray[np.float64], groups: list[tu
     return _Rows(*(np.concatenate(z) for z in zip(*parts)))
 
 
-def _p_norm(a: NDArray[np.float64], c: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _soft_roofline(a: NDArray[np.float64], c: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     m = np.maximum(a, c)
     ra, rc = (a / m) ** 2, (c / m) ** 2
     return m * np.sqrt(ra + rc), ra / (ra + rc)
@@ -227,7 +227,7 @@ def fit(inputs: FitInputs) -> ProfileConfig:
         th = coefs(x)
         a = (rows.xm * th[rows.group, :3]).sum(1) * sm[rows.knot]
         c = rows.xc * th[rows.group, 3] * sc[rows.knot]
-        return _p_norm(a, c)
+        return _soft_roofline(a, c)
 
     def residuals(x: NDArray[np.float64]) -> NDArray[np.float64]:
         return rows.weight * (predict(x)[0] / rows.time_s - 1.0)
@@ -257,7 +257,7 @@ def fit(inputs: FitInputs) -> ProfileConfig:
             k = np.array([int(np.flatnonzero(knots == f)[0]) for f in b.freq_mhz])
             a = (xm * th[g, :3]).sum(1) * sm[k]
             c = xc * th[g, 3] * sc[k]
-            _, wm = _p_norm(a, c)
+            _, wm = _soft_roofline(a, c)
             fk_rows.append((k, wm, b.power_w))
         k_all, wm_all, pw_all = (np.concatenate(z) for z in zip(*fk_rows))
         mem_w = np.full(len(knots), np.nan)

@@ -7,7 +7,6 @@ supported clock grid, so a decision evaluates a batch on every clock with one ke
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -216,8 +215,4 @@ class Profile:
         f, scalar = self._freqs(freq_mhz)
         w = self.clock_table("prefill", f)[pm.T_IDLE_W]
         return float(w[0]) if scalar else w
-
-    @cached_property
-    def top_clock_mhz(self) -> int:
-        return int(self.clocks_mhz[-1])
 
