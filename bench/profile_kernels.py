@@ -57,8 +57,9 @@ def main() -> int:
           f"{'numpy p50 us':>13s} {'p99':>6s} {'numpy/kernel':>12s}")
     for name, (phase, toks, prefix) in cases.items():
         toks = toks.astype(np.int64)
-        coef = prof.coefficients(phase, 4)
-        table = np.ascontiguousarray(prof.clock_table(phase, clocks))
+        tp = 4
+        coef = prof.coefficients(phase, tp)
+        table = np.ascontiguousarray(prof.clock_table(phase, tp, clocks))
         out = np.empty((2, table.shape[1]))
         if phase == "prefill":
             prefix = prefix.astype(np.int64)

@@ -88,7 +88,7 @@ def test_profile_tables_match_reference(profile):
         chunks = np.array([700, 300, 48])
         prefix = np.array([0, 1024, 0])
         coef = profile.coefficients("prefill", tp)
-        table = profile.clock_table("prefill")
+        table = profile.clock_table("prefill", 4)
         want = ref.prefill_grid(chunks, prefix, coef, table)
         t, p = profile.prefill(tp, chunks, profile.clocks_mhz, prefix)
         np.testing.assert_allclose(t, want[0], rtol=1e-12)

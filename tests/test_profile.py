@@ -87,7 +87,7 @@ def test_prefill_energy_is_finite_and_positive(profile, chunks, tp):
         (lambda pr: pr.decode_time_s(4, [100], [[1000]]), "freq_mhz: expected a scalar or 1-D"),
         (lambda pr: pr.decode_power_w(4, [[1, 2]], 1000), "context_tokens: expected a 1-D"),
         (lambda pr: pr.idle_power_w(100), "freq_mhz = 100"),
-        (lambda pr: pr.clock_table("mixed"), "phase = 'mixed'"),
+        (lambda pr: pr.clock_table("mixed", 4), "phase = 'mixed'"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(profile, call, match):

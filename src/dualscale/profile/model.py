@@ -141,10 +141,12 @@ class Profile:
             raise ValueError(f"{name} = {a[i].item()!r} at request {i}: must be >= {minimum}")
         return np.ascontiguousarray(a, dtype=np.int64)
 
-    def clock_table(self, phase: Phase, freq_mhz: ArrayLike | None = None) -> NDArray[np.float64]:
-        """The (5, F) per-clock table the kernels take, for ``freq_mhz`` (default: the full grid)."""
+    def clock_table(self, phase: Phase, tp: int, freq_mhz: ArrayLike | None = None) -> NDArray[np.float64]:
+        """The (5, F) per-clock table the kernels take for ``phase`` at ``tp``, at ``freq_mhz``
+        (default: the full grid). Taking ``tp`` lets power curves differ per TP degree."""
         if phase not in PHASES:
             raise ValueError(f"phase = {phase!r}: must be one of {PHASES}")
+        self._check_tp(tp)
         if freq_mhz is None:
             return self._grid_tables[phase]
         f, _ = self._freqs(freq_mhz)
@@ -174,7 +176,7 @@ class Profile:
                 )
         f, scalar = self._freqs(freq_mhz)
         out = np.empty((2, f.size))
-        pm.prefill_grid(chunks, prefix, self._coef[("prefill", tp)], self.clock_table("prefill", f), out)
+        pm.prefill_grid(chunks, prefix, self._coef[("prefill", tp)], self.clock_table("prefill", tp, f), out)
         return self._result(out, scalar)
 
     def decode(self, tp: int, context_tokens: ArrayLike, freq_mhz: ArrayLike) -> tuple[FloatOrArray, FloatOrArray]:
@@ -183,7 +185,7 @@ class Profile:
         ctx = self._tokens("context_tokens", context_tokens, 1)
         f, scalar = self._freqs(freq_mhz)
         out = np.empty((2, f.size))
-        pm.decode_grid(ctx, self._coef[("decode", tp)], self.clock_table("decode", f), out)
+        pm.decode_grid(ctx, self._coef[("decode", tp)], self.clock_table("decode", tp, f), out)
         return self._result(out, scalar)
 
     @staticmethod
@@ -213,6 +215,6 @@ class Profile:
     def idle_power_w(self, freq_mhz: ArrayLike) -> FloatOrArray:
         """Power per GPU (W) of an idle GPU locked at ``freq_mhz``."""
         f, scalar = self._freqs(freq_mhz)
-        w = self.clock_table("prefill", f)[pm.T_IDLE_W]
+        w = self.clock_table("prefill", self.tp_degrees[0], f)[pm.T_IDLE_W]
         return float(w[0]) if scalar else w
 
