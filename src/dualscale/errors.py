@@ -4,7 +4,8 @@
 
     DualscaleError
     ├── ConfigError      a config or profile file is malformed (also a ValueError)
-    └── DataError        a public measurement file needed by fit/validate is missing or malformed
+    ├── DataError        a public measurement file needed by fit/validate is missing or malformed
+    └── SolverError      the QP solver could not be set up (a controller cannot be built)
 
 Invalid arguments to public functions raise plain ``ValueError``/``TypeError`` naming the argument.
 """
@@ -22,3 +23,7 @@ class ConfigError(DualscaleError, ValueError):
 
 class DataError(DualscaleError):
     """A measurement file used by ``profile fit`` or ``profile validate`` is missing or malformed."""
+
+
+class SolverError(DualscaleError):
+    """The QP solver could not be set up; per-decision solver failures are repaired, not raised."""

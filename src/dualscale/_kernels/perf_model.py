@@ -22,6 +22,7 @@ C_PER_CONTEXT_TOKEN_S = 2
 C_PER_TOKEN_S = 3
 C_ATTN_TOKEN_EQUIV = 4
 C_POWER_CAP_W = 5
+C_TP = 6  # GPUs of the instance: instance energy = tp x power per GPU x time
 N_COEF = 8
 
 T_MEM_SLOWDOWN = 0

@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from dualscale._kernels import perf_model as pm
+from dualscale._validate import token_array
 from dualscale.config import builtin_config_dir, load_toml
 from dualscale.errors import ConfigError
 from dualscale.profile.schema import ClockResponse, ProfileConfig
@@ -71,6 +72,7 @@ class Profile:
                 v[pm.C_PER_TOKEN_S] = c.per_token_s
                 v[pm.C_ATTN_TOKEN_EQUIV] = config.model.attention_token_equiv
                 v[pm.C_POWER_CAP_W] = g.power_cap_w
+                v[pm.C_TP] = c.tp
                 v.setflags(write=False)
                 self._coef[(phase, c.tp)] = v
         grid = self.clocks_mhz.astype(np.float64)
@@ -124,23 +126,6 @@ class Profile:
             raise ValueError(f"freq_mhz = {bad!r}: must be finite and within [{lo}, {hi}] MHz")
         return np.atleast_1d(f), f.ndim == 0
 
-    @staticmethod
-    def _tokens(name: str, x: ArrayLike, minimum: int) -> NDArray[np.int64]:
-        a = np.asarray(x)
-        if a.ndim != 1:
-            raise ValueError(f"{name}: expected a 1-D array of integers (one per request), got shape {a.shape}")
-        if a.size == 0:
-            raise ValueError(f"{name}: empty batch; needs at least one request")
-        if a.dtype.kind == "f":
-            if not np.all(np.isfinite(a)) or np.any(a != np.floor(a)):
-                raise ValueError(f"{name}: token counts must be finite whole numbers")
-        elif a.dtype.kind not in "iu":
-            raise TypeError(f"{name}: expected integer token counts, got dtype {a.dtype}")
-        if np.any(a < minimum):
-            i = int(np.argmin(a))
-            raise ValueError(f"{name} = {a[i].item()!r} at request {i}: must be >= {minimum}")
-        return np.ascontiguousarray(a, dtype=np.int64)
-
     def clock_table(self, phase: Phase, tp: int, freq_mhz: ArrayLike | None = None) -> NDArray[np.float64]:
         """The (5, F) per-clock table the kernels take for ``phase`` at ``tp``, at ``freq_mhz``
         (default: the full grid). Taking ``tp`` lets power curves differ per TP degree."""
@@ -165,11 +150,11 @@ class Profile:
                 prefix_tokens: ArrayLike | None = None) -> tuple[FloatOrArray, FloatOrArray]:
         """(time_s, power_w per GPU) of one prefill batch at ``freq_mhz``."""
         self._check_tp(tp)
-        chunks = self._tokens("chunk_tokens", chunk_tokens, 1)
+        chunks = token_array("chunk_tokens", chunk_tokens, 1)
         if prefix_tokens is None:
             prefix = np.zeros_like(chunks)
         else:
-            prefix = self._tokens("prefix_tokens", prefix_tokens, 0)
+            prefix = token_array("prefix_tokens", prefix_tokens, 0)
             if prefix.shape != chunks.shape:
                 raise ValueError(
                     f"prefix_tokens: length {prefix.size} does not match chunk_tokens length {chunks.size}"
@@ -182,7 +167,7 @@ class Profile:
     def decode(self, tp: int, context_tokens: ArrayLike, freq_mhz: ArrayLike) -> tuple[FloatOrArray, FloatOrArray]:
         """(time_s, power_w per GPU) of one decode step of the batch at ``freq_mhz``."""
         self._check_tp(tp)
-        ctx = self._tokens("context_tokens", context_tokens, 1)
+        ctx = token_array("context_tokens", context_tokens, 1)
         f, scalar = self._freqs(freq_mhz)
         out = np.empty((2, f.size))
         pm.decode_grid(ctx, self._coef[("decode", tp)], self.clock_table("decode", tp, f), out)

@@ -1,0 +1,254 @@
+"""Prefill fine tier: model predictive control of one prefill instance's SM clock.
+
+Every iteration the waiting queue is projected into at most ``horizon`` batches, each batch is
+evaluated on every clock of the set, TTFT deadlines become cumulative time budgets, and the
+least-energy plan meeting them is chosen (semantics: DESIGN.md, "Prefill decision"). Only the
+first clock is applied; the next call re-plans. Three solvers share that problem:
+
+``"qp"``     condensed QP over per-batch slowdown (OSQP), rounded toward faster, then repaired and
+             improved discretely; feasible by construction, near-optimal in energy.
+``"exact"``  Pareto dynamic program: the least-energy plan, exactly (the oracle).
+``"greedy"`` the paper's level-by-level search from the all-top plan (the baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import msgspec
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from dualscale import _validate as v
+from dualscale._kernels import mpc
+from dualscale._kernels import perf_model as pm
+from dualscale.control._clocks import resolve_clocks
+from dualscale.control.qp import QpSettings, QpSolver, QpStatus, a_nnz
+from dualscale.profile import Profile
+
+Solver = Literal["qp", "exact", "greedy"]
+SOLVERS: tuple[Solver, ...] = ("qp", "exact", "greedy")
+
+#: Largest horizon accepted: the greedy search enumerates 2**horizon subsets per level.
+MAX_HORIZON = 24
+
+
+class PrefillDecision(msgspec.Struct, frozen=True, gc=False):
+    """One prefill decision.
+
+    Attributes:
+        freq_mhz: clock for the batch about to run (MHz).
+        plan_mhz: one clock per projected batch (MHz); empty when the queue is empty.
+        batch_time_s: predicted time of the batch about to run at ``freq_mhz`` (s); 0 when idle.
+        energy_j: predicted energy of the whole plan, all GPUs of the instance (J).
+        feasible: every projected deadline is met as given (no request needed relaxing to the
+            all-top-clock completion time).
+        batch_tokens: prompt tokens of each projected batch.
+    """
+
+    freq_mhz: int
+    plan_mhz: tuple[int, ...]
+    batch_time_s: float
+    energy_j: float
+    feasible: bool
+    batch_tokens: tuple[int, ...]
+
+
+def _floats(name: str, x: ArrayLike) -> NDArray[np.float64]:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array (one entry per request), got shape {a.shape}")
+    return a
+
+
+def _ints(name: str, x: ArrayLike, n: int) -> NDArray[np.int64]:
+    """Token counts as int64 without the per-element checks (the queue kernel does those)."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        a = v.token_array(name, a, -(2**62), allow_empty=True)
+    if a.shape[0] != n:
+        raise ValueError(f"{name}: length {a.shape[0]} does not match arrival_s length {n}")
+    return a
+
+
+class PrefillController:
+    """Per-iteration clock choice for one prefill instance (embeddable: no threads, no sockets).
+
+    Args:
+        profile: latency and power model of the (GPU, model) pair.
+        tp: tensor-parallel degree of the instance (one of ``profile.tp_degrees``).
+        ttft_slo_s: TTFT target (s), judged per request from its arrival.
+        horizon: batches projected from the queue (1..24).
+        max_batch_tokens: token budget of one prefill batch (the engine's chunking rule).
+        margin: fraction of the SLO held back for clock-switch delays and model error, in [0, 1).
+        kv_guard: KV-cache use (fraction) at or above which the top clock is used, in (0, 1].
+        clocks_mhz: clocks to choose from; ``None`` is every supported clock of the profile.
+        idle_freq_mhz: clock returned for an empty queue; ``None`` is the lowest of the set.
+        solver: ``"qp"`` (default), ``"exact"`` or ``"greedy"`` (see the module docstring).
+        qp_settings: OSQP settings for ``solver="qp"``.
+    """
+
+    def __init__(self, profile: Profile, tp: int, ttft_slo_s: float, horizon: int = 8,
+                 max_batch_tokens: int = 2048, margin: float = 0.05, kv_guard: float = 0.9,
+                 clocks_mhz: Sequence[int] | NDArray[np.integer] | None = None,
+                 idle_freq_mhz: int | None = None, solver: Solver = "qp",
+                 qp_settings: QpSettings | None = None) -> None:
+        if not isinstance(profile, Profile):
+            raise TypeError(f"profile: expected a dualscale.Profile, got {type(profile).__name__}")
+        tp = v.whole("tp", tp, 1)
+        if tp not in profile.tp_degrees:
+            raise ValueError(f"tp = {tp}: profile {profile.name!r} covers tp in {profile.tp_degrees}")
+        self.profile = profile
+        self.tp = tp
+        self.ttft_slo_s = v.finite("ttft_slo_s", ttft_slo_s, 0.0, lo_open=True)
+        self.horizon = v.whole("horizon", horizon, 1, MAX_HORIZON)
+        self.max_batch_tokens = v.whole("max_batch_tokens", max_batch_tokens, 1)
+        self.margin = v.finite("margin", margin, 0.0, 1.0, hi_open=True)
+        self.kv_guard = v.finite("kv_guard", kv_guard, 0.0, 1.0, lo_open=True)
+        if solver not in SOLVERS:
+            raise ValueError(f"solver = {solver!r}: must be one of {SOLVERS}")
+        self.solver: Solver = solver
+        self.clocks_mhz, self.idle_freq_mhz = resolve_clocks(profile, clocks_mhz, idle_freq_mhz)
+
+        k, n_clocks = self.horizon, self.clocks_mhz.size
+        self._coef = profile.coefficients("prefill", tp)
+        self._table = np.ascontiguousarray(profile.clock_table("prefill", tp, self.clocks_mhz))
+        self._params = np.zeros(mpc.N_PARAMS)
+        self._params[mpc.P_TTFT_SLO_S] = self.ttft_slo_s
+        self._params[mpc.P_MARGIN] = self.margin
+        self._params[mpc.P_MAX_BATCH_TOKENS] = self.max_batch_tokens
+        self._params[mpc.P_HORIZON] = k
+        self._params[mpc.P_TP] = tp
+        self._bounds = np.zeros(k + 1, dtype=np.int64)
+        self._batch_tokens = np.zeros(k, dtype=np.int64)
+        self._grow(64)
+        self._tables = np.zeros((2, k, n_clocks))
+        self._out = np.empty((2, n_clocks))
+        self._budget_s = np.empty(k)
+        self._order = np.empty((k, n_clocks), dtype=np.int64)
+        self._n_front = np.zeros(k, dtype=np.int64)
+        self._plan = np.empty(k, dtype=np.int64)
+        self._qp_vec = np.empty((4, k))
+        self._px = np.empty(k)
+        self._ax = np.empty(a_nnz(k))
+        self._upper = np.empty(2 * k)
+        self._work = np.empty((2, k))
+        self._qp: QpSolver | None = None
+        #: status of the last QP solve (None for the other solvers or when no QP was needed)
+        self.last_qp_status: QpStatus | None = None
+        if solver == "qp":
+            self._qp = QpSolver(k, qp_settings)
+            self._qp.setup()
+        self._warm_up()
+
+    def __repr__(self) -> str:
+        return (f"PrefillController(profile={self.profile.name!r}, tp={self.tp}, ttft_slo_s={self.ttft_slo_s}, "
+                f"horizon={self.horizon}, solver={self.solver!r}, clocks={self.clocks_mhz.size})")
+
+    def _grow(self, n_requests: int) -> None:
+        # workspaces sized by the queue grow geometrically and are reused across decisions
+        cap = max(n_requests, 2 * self._done_batch.shape[0]) if hasattr(self, "_done_batch") else n_requests
+        self._done_batch = np.empty(cap, dtype=np.int64)
+        self._chunk_tokens = np.empty(cap + self.horizon, dtype=np.int64)
+        self._chunk_prefix = np.empty(cap + self.horizon, dtype=np.int64)
+
+    def _warm_up(self) -> None:
+        # compile (or load) every kernel now, and make one real decision so the first call is fast
+        pm.warm_up()
+        mpc.warm_up()
+        self.decide(1.0, [0.5, 0.9], [self.max_batch_tokens + 7, 300])
+        if self._qp is not None:
+            self._qp = QpSolver(self.horizon, self._qp.settings)
+            self._qp.setup()
+
+    # ---- the decision ------------------------------------------------------------------------
+    def _queue(self, now_s: float, arrival_s: ArrayLike, prompt_tokens: ArrayLike,
+               prefilled_tokens: ArrayLike | None) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+        arrival = _floats("arrival_s", arrival_s)
+        n = arrival.shape[0]
+        tokens = np.zeros((2, n), dtype=np.int64)
+        tokens[mpc.Q_PROMPT] = _ints("prompt_tokens", prompt_tokens, n)
+        if prefilled_tokens is not None:
+            tokens[mpc.Q_DONE] = _ints("prefilled_tokens", prefilled_tokens, n)
+        code, i = mpc.check_queue(now_s, arrival, tokens)
+        if code != mpc.QUEUE_OK:
+            prompt, done = tokens[mpc.Q_PROMPT, i], tokens[mpc.Q_DONE, i]
+            raise ValueError({
+                mpc.QUEUE_ARRIVAL_NOT_FINITE: f"arrival_s[{i}] = {arrival[i]}: must be finite",
+                mpc.QUEUE_UNSORTED: f"arrival_s must be sorted (FCFS queue): arrival_s[{i}] = {arrival[i]} "
+                                    f"< arrival_s[{i - 1}] = {arrival[i - 1]}",
+                mpc.QUEUE_ARRIVAL_AFTER_NOW: f"arrival_s[{i}] = {arrival[i]}: after now_s = {now_s} "
+                                             "(a waiting request has already arrived)",
+                mpc.QUEUE_PROMPT_BELOW_1: f"prompt_tokens[{i}] = {prompt}: must be >= 1",
+                mpc.QUEUE_DONE_NEGATIVE: f"prefilled_tokens[{i}] = {done}: must be >= 0",
+                mpc.QUEUE_DONE_NOT_BELOW_PROMPT: f"prefilled_tokens[{i}] = {done}: must be < prompt_tokens[{i}] "
+                                                 f"= {prompt} (a fully prefilled request is no longer waiting)",
+            }[code])
+        return arrival, tokens
+
+    def decide(self, now_s: float, arrival_s: ArrayLike, prompt_tokens: ArrayLike,
+               prefilled_tokens: ArrayLike | None = None, kv_util: float = 0.0) -> PrefillDecision:
+        """Choose the clock of the next prefill batch.
+
+        Args:
+            now_s: current time (s), same clock as ``arrival_s``.
+            arrival_s: arrival time of each waiting request (s), FCFS order (non-decreasing).
+            prompt_tokens: prompt length of each waiting request (tokens, >= 1).
+            prefilled_tokens: tokens of each request already prefilled by earlier chunks (default 0).
+            kv_util: KV-cache use of the instance in [0, 1]; at or above ``kv_guard`` -> top clock.
+
+        Returns:
+            PrefillDecision: the clock to apply now and the plan behind it.
+        """
+        now = v.finite("now_s", now_s)
+        kv = v.finite("kv_util", kv_util, 0.0, 1.0)
+        arrival, tokens = self._queue(now, arrival_s, prompt_tokens, prefilled_tokens)
+        n_req = arrival.shape[0]
+        if n_req == 0:
+            return PrefillDecision(self.idle_freq_mhz, (), 0.0, 0.0, True, ())
+        self._params[mpc.P_NOW_S] = now
+        if n_req > self._done_batch.shape[0]:
+            self._grow(n_req)
+        n = mpc.project(tokens, self.max_batch_tokens, self.horizon, self._chunk_tokens, self._chunk_prefix,
+                        self._bounds, self._done_batch, self._batch_tokens)
+        mpc.tabulate(self._chunk_tokens, self._chunk_prefix, self._bounds, n, self._coef, self._table,
+                     self._tables, self._out)
+        relaxed = mpc.budgets(arrival, self._done_batch[:n_req], self._params, self._tables, n, self._budget_s)
+        plan = self._plan
+        top = self.clocks_mhz.size - 1
+        self.last_qp_status = None
+        if kv >= self.kv_guard:
+            plan[:n] = top
+            energy, _ = mpc.plan_cost(self._tables, self._budget_s, n, plan)
+        else:
+            energy = self._solve(n)
+        plan_mhz = tuple(self.clocks_mhz[plan[:n]].tolist())
+        return PrefillDecision(
+            freq_mhz=plan_mhz[0],
+            plan_mhz=plan_mhz,
+            batch_time_s=float(self._tables[mpc.TB_TIME_S, 0, plan[0]]),
+            energy_j=float(energy),
+            feasible=relaxed == 0,
+            batch_tokens=tuple(self._batch_tokens[:n].tolist()),
+        )
+
+    def _solve(self, n: int) -> float:
+        t, b, plan = self._tables, self._budget_s, self._plan
+        if self.solver == "greedy":
+            return mpc.solve_greedy(t, b, n, plan)
+        mpc.frontier(t, n, self._order, self._n_front)
+        if self.solver == "exact":
+            return mpc.solve_exact(t, b, n, self._order, self._n_front, plan)
+        assert self._qp is not None
+        mpc.qp_data(t, b, n, self._order, self._n_front, self._qp_vec, self._px, self._ax)
+        k = self.horizon
+        self._upper[:k] = self._qp_vec[1]
+        self._upper[k:] = self._qp_vec[2]
+        self._qp.update(self._px, self._qp_vec[0], self._ax, self._upper)
+        self._qp.warm_start_shifted()
+        res = self._qp.solve()
+        self.last_qp_status = res.status
+        # a failed solve still yields a feasible plan: repair starts from all-fast instead
+        u = res.x if res.status is not QpStatus.FAILED else np.ones(k)
+        return mpc.round_repair_improve(t, b, n, self._order, self._n_front, u, plan, self._work)
