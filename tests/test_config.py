@@ -80,3 +80,11 @@ def test_every_section_names_its_source():
     c = prof.config
     sections = [c.gpu, c.model, c.clock_response, c.latency, *c.latency.prefill, *c.latency.decode]
     assert all(len(s.source) > 20 for s in sections)
+
+
+def test_cross_field_rule_is_reported_once_without_the_whole_section(tmp_path):
+    p = _write(tmp_path, _edit(r"^clock_step_mhz = 15$", "clock_step_mhz = 7"))
+    with pytest.raises(ConfigError) as e:
+        dualscale.Profile.load(p)
+    assert str(e.value) == (f"{p}: field `gpu.clock_step_mhz` = 7: must divide clock_max_mhz - clock_min_mhz = 1635 "
+                            "(in `gpu`)")
