@@ -14,9 +14,13 @@ def eval_clocks(mem_s, comp_s, coef, table):
     idle = table[pm.T_IDLE_W]
     with np.errstate(invalid="ignore", divide="ignore"):
         time_s = np.hypot(a, b)
+        # busy fractions a / time and b / time, computed on a / max, b / max so subnormal work
+        # times keep their precision
         m = np.maximum(a, b)
-        w_mem = (a / m) ** 2 / ((a / m) ** 2 + (b / m) ** 2)
-    power = idle + w_mem * table[pm.T_MEM_POWER_W] + (1 - w_mem) * table[pm.T_COMP_POWER_W]
+        norm = np.hypot(a / m, b / m)
+        busy_mem = (a / m) / norm  # fraction of the iteration the memory system is busy
+        busy_comp = (b / m) / norm  # ... and the tensor cores
+    power = idle + busy_mem * table[pm.T_MEM_POWER_W] + busy_comp * table[pm.T_COMP_POWER_W]
     power = np.minimum(coef[pm.C_POWER_CAP_W], np.maximum(idle, power))
     zero = (a <= 0) & (b <= 0)
     time_s = np.where(zero, 0.0, time_s)

@@ -83,13 +83,36 @@ def test_nan_propagates_instead_of_vanishing():
 
 
 def test_profile_tables_match_reference(profile):
-    """The profile's expanded grid tables drive the kernel exactly like the reference."""
+    """The profile's expanded grid tables (per phase and TP) drive the kernels exactly like the reference."""
+    chunks = np.array([700, 300, 48])
+    prefix = np.array([0, 1024, 0])
+    ctx = np.array([900, 1500, 64, 3000])
     for tp in profile.tp_degrees:
-        chunks = np.array([700, 300, 48])
-        prefix = np.array([0, 1024, 0])
-        coef = profile.coefficients("prefill", tp)
-        table = profile.clock_table("prefill", 4)
-        want = ref.prefill_grid(chunks, prefix, coef, table)
+        want = ref.prefill_grid(chunks, prefix, profile.coefficients("prefill", tp), profile.clock_table("prefill", tp))
         t, p = profile.prefill(tp, chunks, profile.clocks_mhz, prefix)
         np.testing.assert_allclose(t, want[0], rtol=1e-12)
         np.testing.assert_allclose(p, want[1], rtol=1e-12)
+        want = ref.decode_grid(ctx, profile.coefficients("decode", tp), profile.clock_table("decode", tp))
+        t, p = profile.decode(tp, ctx, profile.clocks_mhz)
+        np.testing.assert_allclose(t, want[0], rtol=1e-12)
+        np.testing.assert_allclose(p, want[1], rtol=1e-12)
+
+
+def test_power_is_idle_plus_busy_fractions():
+    """Hand-checked cases: pure memory work draws idle + memory power; equal work draws both at 1/sqrt(2)."""
+    coef = np.zeros(pm.N_COEF)
+    coef[pm.C_POWER_CAP_W] = 700.0
+    table = np.ones((pm.N_TABLE_ROWS, 1))
+    table[pm.T_IDLE_W], table[pm.T_MEM_POWER_W], table[pm.T_COMP_POWER_W] = 100.0, 200.0, 400.0
+    out = np.empty((2, 1))
+    pm.eval_clocks(0.02, 0.0, coef, table, out)
+    np.testing.assert_allclose(out[:, 0], [0.02, 300.0], rtol=1e-15)
+    pm.eval_clocks(0.0, 0.03, coef, table, out)
+    np.testing.assert_allclose(out[:, 0], [0.03, 500.0], rtol=1e-15)
+    pm.eval_clocks(0.01, 0.01, coef, table, out)
+    np.testing.assert_allclose(out[:, 0], [0.01 * np.sqrt(2.0), 100.0 + 600.0 / np.sqrt(2.0)], rtol=1e-15)
+    pm.eval_clocks(0.03, 0.04, coef, table, out)  # busy fractions 0.6 and 0.8
+    np.testing.assert_allclose(out[:, 0], [0.05, 100.0 + 0.6 * 200.0 + 0.8 * 400.0], rtol=1e-14)
+    coef[pm.C_POWER_CAP_W] = 400.0
+    pm.eval_clocks(0.03, 0.04, coef, table, out)
+    assert out[pm.O_POWER_W, 0] == 400.0

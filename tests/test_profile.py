@@ -58,6 +58,25 @@ def test_anchor_numbers_from_public_data(profile):
     assert profile.kv_capacity_tokens(4) == pytest.approx(470144, rel=0.03)
 
 
+def test_power_per_gpu_depends_on_tp_as_measured(profile):
+    """TP2 GPUs each hold twice TP4's share of the weights and draw more power (authors' LUT and
+    decode model); TP8 has no power data and uses TP4's curves."""
+    for f in (780, 1380, 1830):
+        assert profile.prefill_power_w(2, [128], f) > profile.prefill_power_w(4, [128], f)
+        assert profile.decode_power_w(2, [1000] * 8, f) > profile.decode_power_w(4, [1000] * 8, f)
+    for phase in ("prefill", "decode"):
+        t4, t8 = profile.clock_table(phase, 4), profile.clock_table(phase, 8)
+        np.testing.assert_array_equal(t8, t4)
+
+
+def test_decode_power_rises_with_batch(profile):
+    """ML.ENERGY TP4 at 1980 MHz: about 450 W/GPU at batch 8, 630 W/GPU at batch 256."""
+    p8 = profile.decode_power_w(4, [1200] * 8, 1980)
+    p256 = profile.decode_power_w(4, [1200] * 256, 1980)
+    assert p8 == pytest.approx(447, rel=0.05)
+    assert p256 == pytest.approx(630, rel=0.05)
+
+
 def test_longer_batches_take_longer(profile):
     t1 = profile.prefill_time_s(4, [512], 1380)
     t2 = profile.prefill_time_s(4, [512, 512], 1380)

@@ -54,8 +54,10 @@ def decode_toml(data: bytes, type_: type[T], source: str) -> T:
         m = _PATH_RE.search(msg)
         if m:
             field = m.group("path") or "(top level)"
-            value = _lookup(raw, m.group("path"))
             what = msg[: m.start()]
+            if what.startswith("field `"):  # a rule from `check`: it names its field and value itself
+                raise ConfigError(f"{source}: {what} (in `{field}`)") from e
+            value = _lookup(raw, m.group("path"))
             raise ConfigError(f"{source}: field `{field}` = {value!r}: {what}") from e
         raise ConfigError(f"{source}: {msg}") from e
 

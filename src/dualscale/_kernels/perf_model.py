@@ -3,7 +3,7 @@
 Array layouts (all float64, contiguous):
 
 ``coef`` (8,): per (phase, TP) coefficients, indices below (``C_*``).
-``table`` (5, F): per-clock curves for one phase, rows ``T_*``; column k is clock k of the grid.
+``table`` (5, F): per-clock curves for one (phase, TP), rows ``T_*``; column k is clock k of the grid.
 ``out`` (2, F): written by the kernels; row ``O_TIME_S`` is seconds, row ``O_POWER_W`` is W per GPU.
 
 Public wrappers (``dualscale.profile.model.Profile``) validate every input; kernels trust them.
@@ -38,7 +38,12 @@ O_POWER_W = 1
 
 @njit(cache=CACHE, fastmath=FASTMATH)
 def eval_clocks(mem_s, comp_s, coef, table, out):
-    """Time and power of work (``mem_s``, ``comp_s`` at the reference clock) at every table clock."""
+    """Time and power of work (``mem_s``, ``comp_s`` at the reference clock) at every table clock.
+
+    Time is the soft roofline ``hypot(a, b)`` of the clock-scaled terms; power is the idle floor
+    plus each unit's busy power times its busy fraction (``a / time``, ``b / time``), clamped to
+    ``[idle, cap]``.
+    """
     cap_w = coef[C_POWER_CAP_W]
     for k in range(table.shape[1]):
         a = mem_s * table[T_MEM_SLOWDOWN, k]
@@ -53,11 +58,12 @@ def eval_clocks(mem_s, comp_s, coef, table, out):
         # term so tiny or huge values neither underflow nor overflow (one sqrt per clock)
         ra = a / m
         rb = b / m
-        s = ra * ra + rb * rb
-        out[O_TIME_S, k] = m * np.sqrt(s)
-        w_mem = ra * ra / s
-        power = idle + w_mem * table[T_MEM_POWER_W, k] + (1.0 - w_mem) * table[T_COMP_POWER_W, k]
-        out[O_POWER_W, k] = min(cap_w, max(idle, power))
+        r = np.sqrt(ra * ra + rb * rb)
+        out[O_TIME_S, k] = m * r
+        # each unit draws its busy power for the fraction of the iteration it is busy:
+        # a / time = ra / r (memory), b / time = rb / r (tensor cores)
+        busy_w = (ra * table[T_MEM_POWER_W, k] + rb * table[T_COMP_POWER_W, k]) / r
+        out[O_POWER_W, k] = min(cap_w, max(idle, idle + busy_w))
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)

@@ -9,12 +9,32 @@ Which source the profile follows, and why:
   i.e. up to 1980 MHz), weighted above the authors' grid where the two disagree at large batch.
   ML.ENERGY does not publish its prompt lengths: the mean prompt is an assumption
   (``MLENERGY_PROMPT_TOKENS``), and the validation reports how sensitive the check is to it.
-* Prefill power: the authors' simulator power table (smoother than their tree power model).
-* Idle floor vs clock: the authors' simulator idle table (TP4, per GPU).
+* Power form: idle floor + memory busy power x the memory system's busy fraction (mem / time)
+  + tensor-core busy power x theirs (comp / time), i.e. each kind of work costs energy in
+  proportion to how long it keeps its unit busy. Fitted per TP degree and per knot by linear
+  least squares (relative error) on the busy fractions the fitted latency model gives each row.
+* Prefill busy power (memory and compute curves): the authors' simulator power table (smoother
+  than their tree power model), rows below 97 % of the cap (capped rows only say P >= cap).
+* Decode busy power: memory curve on the authors' decode power model (rows with batch < 512:
+  their README lists decode at batch 512-1024 among the tree model's bad extrapolations, e.g.
+  159 W/GPU at TP4 x 512 x 1830 MHz) plus ML.ENERGY at 1980 MHz for TP4; compute curve = the
+  same TP's prefill compute curve (tensor-core work draws the same power in either phase, and
+  decode's compute fraction is too small to pin a curve of its own). The batch trend of decode
+  power (ML.ENERGY: 447 W/GPU at batch 8, 630 W/GPU at 256) then follows from the growing
+  tensor-core busy fraction; ML.ENERGY only sets the TP4 1980 MHz memory knot (a fit without
+  ML.ENERGY's batches above 40 predicts their power within 5 % MAPE: ``profile validate``
+  reports it).
+* Per TP: TP2 and TP4 each get their own busy power curves; a TP2 GPU holds twice a TP4 GPU's
+  share of the weights and streams them faster per GPU (at equal work TP2 draws a median 16 %
+  more per GPU in the LUT, 13 % in the decode model). TP4's curves are the profile's shared
+  curves, TP2's an override (``[[clock_response.power_by_tp]]``). TP8 has no per-iteration power data and
+  uses TP4's curves: an upper bound (the serving sweep's lowest-load power per GPU at 1830 MHz
+  is 0.89x TP4's at TP8, idle gaps included).
+* Idle floor vs clock: the authors' simulator idle table (TP4, per GPU), shared by every TP.
 * 1980 MHz and 345 MHz lie outside the authors' clocks: the slowdown curves continue their last
   (first) segment linearly in 1/f, i.e. the clock law with the elasticity measured there, and
-  power continues linearly in f, then the 700 W cap applies at evaluation. The decode power
-  knot at 1980 MHz is fitted on ML.ENERGY, the only measurement at that clock.
+  power continues linearly in f, then the 700 W cap applies at evaluation. The TP4 decode
+  memory-power knot at 1980 MHz is fitted on ML.ENERGY, the only measurement at that clock.
 * TP8: the TP4 coefficients scaled by measured TP8/TP4 ratios: memory-bound terms by the
   serving sweep's P99 TPOT ratio at 1830 MHz, compute-bound terms by Splitwise's batch-1 prompt
   time ratio (prompts >= 1024 tokens). Splitwise's absolute H100 prefill times come from an older
@@ -40,7 +60,17 @@ from numpy.typing import NDArray
 from scipy.optimize import least_squares
 
 from dualscale.profile import datasets as ds
-from dualscale.profile.schema import ClockResponse, Coefficients, Gpu, Latency, Model, ProfileConfig
+from dualscale.profile.schema import (
+    FORMAT,
+    POWER_CURVES,
+    ClockResponse,
+    Coefficients,
+    Gpu,
+    Latency,
+    Model,
+    ProfileConfig,
+    TpPower,
+)
 
 PROFILE_NAME = "h100-sxm-llama-3.3-70b"
 REFERENCE_MHZ = 1830.0
@@ -51,6 +81,11 @@ MLENERGY_PROMPT_TOKENS = 1000
 MLENERGY_WEIGHT = 3.0
 #: Prefill power rows at or above this share of the cap are capped; they only need P >= cap.
 CAP_SHARE = 0.97
+#: Authors' decode power rows at this batch or above are left out of the power fit: their README
+#: (caveat 2) lists decode at batch 512-1024 among the tree model's known bad extrapolations.
+DECODE_POWER_MAX_BATCH = 512
+#: The TP degree whose busy power curves are the profile's shared ones (used by TP8 too).
+SHARED_POWER_TP = 4
 
 GPU = Gpu(
     name="NVIDIA H100 80GB HBM3 (SXM5)",
@@ -189,10 +224,23 @@ def _latency_rows(inputs: FitInputs, knots: NDArray[np.float64], groups: list[tu
     return _Rows(*(np.concatenate(z) for z in zip(*parts)))
 
 
-def _soft_roofline(a: NDArray[np.float64], c: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _soft_roofline(
+    a: NDArray[np.float64], c: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Time ``hypot(a, c)`` and the busy fractions ``a / time``, ``c / time`` (as the kernel computes them)."""
     m = np.maximum(a, c)
-    ra, rc = (a / m) ** 2, (c / m) ** 2
-    return m * np.sqrt(ra + rc), ra / (ra + rc)
+    ra, rc = a / m, c / m
+    r = np.sqrt(ra * ra + rc * rc)
+    return m * r, ra / r, rc / r
+
+
+def _extend_ends(knots: NDArray[np.float64], y: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Fill NaN end knots (345/1980 MHz) by continuing the profiled curve linearly in f."""
+    out = y.copy()
+    for end in (0, -1):
+        if np.isnan(out[end]):
+            out[end] = extend_lin(knots[1:-1], out[1:-1], knots[end])
+    return out
 
 
 def fit(inputs: FitInputs) -> ProfileConfig:
@@ -227,10 +275,10 @@ def fit(inputs: FitInputs) -> ProfileConfig:
         th = coefs(x)
         a = (rows.xm * th[rows.group, :3]).sum(1) * sm[rows.knot]
         c = rows.xc * th[rows.group, 3] * sc[rows.knot]
-        return _soft_roofline(a, c)
+        return _soft_roofline(a, c)[0]
 
     def residuals(x: NDArray[np.float64]) -> NDArray[np.float64]:
-        return rows.weight * (predict(x)[0] / rows.time_s - 1.0)
+        return rows.weight * (predict(x) / rows.time_s - 1.0)
 
     x0 = np.concatenate([
         np.log(np.linspace(2.2, 1.02, nf)),  # memory-bound: weakly clock-sensitive
@@ -243,45 +291,50 @@ def fit(inputs: FitInputs) -> ProfileConfig:
     sol = least_squares(residuals, np.clip(x0, lo, hi), bounds=(lo, hi), loss="soft_l1", f_scale=0.03, method="trf")
     sm, sc = curves(sol.x)
     th = coefs(sol.x)
-    _, w_mem = predict(sol.x)
 
-    # ---- power: per knot, linear least squares of (P - idle) on the two work shares ------------
+    # ---- power: per TP and knot, linear least squares (relative error) of P - idle on the busy
+    # fractions of the memory system and the tensor cores -------------------------------------
     idle = np.interp(profiled, inputs.idle_freq_mhz, inputs.idle_power_w)
     idle_k = np.concatenate([[extend_lin(profiled, idle, knots[0])], idle, [extend_lin(profiled, idle, knots[-1])]])
-    power = {}
-    for phase, sets in (("prefill", [inputs.prefill_power]), ("decode", [inputs.decode, inputs.decode_top])):
-        fk_rows = []
-        for b in sets:
-            xm, xc = features(b, phase, attn)
-            g = np.array([groups.index((phase, int(t))) for t in b.tp])
-            k = np.array([int(np.flatnonzero(knots == f)[0]) for f in b.freq_mhz])
-            a = (xm * th[g, :3]).sum(1) * sm[k]
-            c = xc * th[g, 3] * sc[k]
-            _, wm = _soft_roofline(a, c)
-            fk_rows.append((k, wm, b.power_w))
-        k_all, wm_all, pw_all = (np.concatenate(z) for z in zip(*fk_rows))
-        mem_w = np.full(len(knots), np.nan)
-        # Tensor-core-bound work draws the same power in either phase; decode batches are mostly
-        # memory-bound, so their compute share is too small to pin a curve of their own.
-        comp_w = np.full(len(knots), np.nan) if phase == "prefill" else power["prefill"][1]
+
+    def busy(b: ds.Batches, phase: str) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
+        xm, xc = features(b, phase, attn)
+        g = np.array([groups.index((phase, int(t))) for t in b.tp])
+        k = np.array([int(np.flatnonzero(knots == f)[0]) for f in b.freq_mhz])
+        _, um, uc = _soft_roofline((xm * th[g, :3]).sum(1) * sm[k], xc * th[g, 3] * sc[k])
+        return k, um, uc
+
+    n_req = np.diff(inputs.decode.offsets)
+    decode_power = [inputs.decode.subset(n_req < DECODE_POWER_MAX_BATCH), inputs.decode_top]
+    power: dict[int, dict[str, NDArray[np.float64]]] = {}
+    for tp in tps:
+        b = inputs.prefill_power.subset(inputs.prefill_power.tp == tp)
+        k_all, um_all, uc_all = busy(b, "prefill")
+        p_all = b.power_w
+        mem_w, comp_w = np.full(len(knots), np.nan), np.full(len(knots), np.nan)
         for kk in range(len(knots)):
-            m = (k_all == kk) & (pw_all < CAP_SHARE * GPU.power_cap_w)
+            m = (k_all == kk) & (p_all < CAP_SHARE * GPU.power_cap_w)
             if m.sum() < 2:
                 continue
-            y = (pw_all[m] - idle_k[kk]) / pw_all[m]
-            if phase == "prefill":
-                A = np.stack([wm_all[m], 1.0 - wm_all[m]], 1) / pw_all[m, None]
-                mem_w[kk], comp_w[kk] = np.linalg.lstsq(A, y, rcond=None)[0]
-            else:
-                y = y - (1.0 - wm_all[m]) * comp_w[kk] / pw_all[m]
-                a = wm_all[m] / pw_all[m]
-                mem_w[kk] = float(a @ y / (a @ a))
-        for arr in (mem_w, comp_w):
-            inner = arr[1:-1]
-            for end, at in ((0, knots[0]), (-1, knots[-1])):
-                if np.isnan(arr[end]):
-                    arr[end] = extend_lin(profiled, inner, at)
-        power[phase] = (mem_w, comp_w)
+            A = np.stack([um_all[m], uc_all[m]], 1) / p_all[m, None]
+            mem_w[kk], comp_w[kk] = np.linalg.lstsq(A, (p_all[m] - idle_k[kk]) / p_all[m], rcond=None)[0]
+        comp_w = _extend_ends(knots, comp_w)
+        curves = {"prefill_mem_power_w": _extend_ends(knots, mem_w), "prefill_comp_power_w": comp_w,
+                  # tensor-core-bound work draws the same power in either phase; decode batches are
+                  # mostly memory-bound, so their compute fraction is too small to pin a curve of its own
+                  "decode_comp_power_w": comp_w}
+        parts = [busy(d, "decode") + (d.power_w,) for d in (x.subset(x.tp == tp) for x in decode_power) if len(d)]
+        k_all, um_all, uc_all, p_all = (np.concatenate(z) for z in zip(*parts))
+        mem_w = np.full(len(knots), np.nan)
+        for kk in range(len(knots)):
+            m = (k_all == kk) & (p_all < CAP_SHARE * GPU.power_cap_w)
+            if m.sum() < 2:
+                continue
+            y = (p_all[m] - idle_k[kk] - uc_all[m] * comp_w[kk]) / p_all[m]
+            a = um_all[m] / p_all[m]
+            mem_w[kk] = float(a @ y / (a @ a))
+        curves["decode_mem_power_w"] = _extend_ends(knots, mem_w)
+        power[tp] = curves
 
     # ---- TP8 from TP4, KV memory ---------------------------------------------------------
     lat: dict[str, list[Coefficients]] = {"prefill": [], "decode": []}
@@ -309,21 +362,28 @@ def fit(inputs: FitInputs) -> ProfileConfig:
     caps = inputs.kv_capacity_tokens
     usable = sum(t * (c * kvb + MODEL.weight_bytes) for t, c in caps.items()) / sum(t * t for t in caps)
 
+    if SHARED_POWER_TP not in power:
+        raise ValueError(f"fit inputs cover TP {tps}: the shared power curves need TP{SHARED_POWER_TP}")
+    shared = power[SHARED_POWER_TP]
     cr = ClockResponse(
         knots_mhz=list(knots), reference_mhz=REFERENCE_MHZ,
         mem_slowdown=list(sm), comp_slowdown=list(sc), idle_power_w=list(idle_k),
-        prefill_mem_power_w=list(power["prefill"][0]), prefill_comp_power_w=list(power["prefill"][1]),
-        decode_mem_power_w=list(power["decode"][0]), decode_comp_power_w=list(power["decode"][1]),
+        **{name: list(shared[name]) for name in POWER_CURVES},
         source=(
             "slowdowns: fit with the coefficients (biscale_authors_models, 7 profiled clocks; ML.ENERGY at "
             "1980 MHz), 345/1980 MHz continued linearly in 1/f; idle: biscale_authors_sim prefill idle floor "
-            "(TP4, simulator variant); power: per-knot least squares, prefill on biscale_authors_sim power LUT "
-            "(rows below 97 % of the cap), decode memory-bound power on biscale_authors_models decode power + ML.ENERGY at 1980 MHz, decode compute-bound power = prefill's; "
-            "prefill power at 345/1980 MHz continued linearly in f (the 700 W cap applies at evaluation)"
+            f"(TP4, simulator variant); busy power curves: TP{SHARED_POWER_TP}'s, shared by every TP degree "
+            f"without a power_by_tp entry (TP8: no power data, assumed equal to TP{SHARED_POWER_TP}), "
+            + _power_source(SHARED_POWER_TP, SHARED_POWER_TP in inputs.decode_top.tp)
         ),
+        power_by_tp=[
+            TpPower(tp=tp, **{name: list(power[tp][name]) for name in POWER_CURVES},
+                    source=_power_source(tp, tp in inputs.decode_top.tp))
+            for tp in tps if tp != SHARED_POWER_TP
+        ],
     )
     cfg = ProfileConfig(
-        format=1,
+        format=FORMAT,
         name=PROFILE_NAME,
         description="NVIDIA H100 SXM5 x Llama-3.3-70B-Instruct (bf16), TP 2/4/8; built by `dualscale profile fit`",
         gpu=msgspec.structs.replace(GPU, usable_memory_bytes=int(round(usable))),
@@ -333,6 +393,18 @@ def fit(inputs: FitInputs) -> ProfileConfig:
                         source="per-entry sources below; form: soft roofline (schema.py)"),
     )
     return _rounded(cfg)
+
+
+def _power_source(tp: int, at_top: bool) -> str:
+    """``source`` of TP ``tp``'s busy power curves; ``at_top``: ML.ENERGY decode rows cover this TP."""
+    return (
+        f"per-knot least squares (relative error) of TP{tp} power above idle on the busy fractions of memory and "
+        f"tensor cores: prefill on the biscale_authors_sim power LUT (rows below {CAP_SHARE * 100:g} % of the cap); "
+        f"decode memory power on biscale_authors_models decode power (batches below {DECODE_POWER_MAX_BATCH}: "
+        "their README, caveat 2)" + (f" + ML.ENERGY TP{tp} decode at 1980 MHz" if at_top else "")
+        + "; decode compute power = prefill's; knots without data (prefill 345/1980 MHz, decode 345"
+        + ("" if at_top else "/1980") + " MHz) continued linearly in f; the 700 W cap applies at evaluation"
+    )
 
 
 def _round(x: object) -> object:

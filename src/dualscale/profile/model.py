@@ -29,8 +29,12 @@ def builtin_profiles() -> list[str]:
     return sorted(p.stem for p in (builtin_config_dir() / "profiles").glob("*.toml"))
 
 
-def interp_curves(cr: ClockResponse, freq_mhz: NDArray[np.float64], phase: Phase) -> NDArray[np.float64]:
-    """The (5, F) clock table of ``phase`` at ``freq_mhz``: slowdowns linear in 1/f, powers linear in f."""
+def interp_curves(cr: ClockResponse, freq_mhz: NDArray[np.float64], phase: Phase, tp: int) -> NDArray[np.float64]:
+    """The (5, F) clock table of ``phase`` at ``tp`` at ``freq_mhz``: slowdowns linear in 1/f, powers linear in f.
+
+    The busy power rows come from ``tp``'s entry in ``cr.power_by_tp`` if it has one, else from
+    the shared curves.
+    """
     knots = np.asarray(cr.knots_mhz, dtype=np.float64)
     table = np.empty((pm.N_TABLE_ROWS, len(freq_mhz)))
     # np.interp needs ascending x: 1/f descends with f, so reverse both.
@@ -38,8 +42,9 @@ def interp_curves(cr: ClockResponse, freq_mhz: NDArray[np.float64], phase: Phase
     table[pm.T_MEM_SLOWDOWN] = np.interp(inv, 1.0 / knots[::-1], np.asarray(cr.mem_slowdown)[::-1])
     table[pm.T_COMP_SLOWDOWN] = np.interp(inv, 1.0 / knots[::-1], np.asarray(cr.comp_slowdown)[::-1])
     table[pm.T_IDLE_W] = np.interp(freq_mhz, knots, cr.idle_power_w)
-    mem_w = cr.prefill_mem_power_w if phase == "prefill" else cr.decode_mem_power_w
-    comp_w = cr.prefill_comp_power_w if phase == "prefill" else cr.decode_comp_power_w
+    curves = cr.power_curves(tp)
+    mem_w = curves.prefill_mem_power_w if phase == "prefill" else curves.decode_mem_power_w
+    comp_w = curves.prefill_comp_power_w if phase == "prefill" else curves.decode_comp_power_w
     table[pm.T_MEM_POWER_W] = np.interp(freq_mhz, knots, mem_w)
     table[pm.T_COMP_POWER_W] = np.interp(freq_mhz, knots, comp_w)
     return table
@@ -76,7 +81,8 @@ class Profile:
                 v.setflags(write=False)
                 self._coef[(phase, c.tp)] = v
         grid = self.clocks_mhz.astype(np.float64)
-        self._grid_tables = {ph: interp_curves(config.clock_response, grid, ph) for ph in PHASES}
+        self._grid_tables = {(ph, tp): interp_curves(config.clock_response, grid, ph, tp)
+                             for ph in PHASES for tp in self.tp_degrees}
         for t in self._grid_tables.values():
             t.setflags(write=False)
 
@@ -128,17 +134,18 @@ class Profile:
 
     def clock_table(self, phase: Phase, tp: int, freq_mhz: ArrayLike | None = None) -> NDArray[np.float64]:
         """The (5, F) per-clock table the kernels take for ``phase`` at ``tp``, at ``freq_mhz``
-        (default: the full grid). Taking ``tp`` lets power curves differ per TP degree."""
+        (default: the full grid, read-only). Power curves may differ per TP degree
+        (``[[clock_response.power_by_tp]]``)."""
         if phase not in PHASES:
             raise ValueError(f"phase = {phase!r}: must be one of {PHASES}")
         self._check_tp(tp)
         if freq_mhz is None:
-            return self._grid_tables[phase]
+            return self._grid_tables[(phase, tp)]
         f, _ = self._freqs(freq_mhz)
         idx = (f - self.clocks_mhz[0]) / self.config.gpu.clock_step_mhz
         if np.all(idx == np.round(idx)):
-            return np.ascontiguousarray(self._grid_tables[phase][:, idx.astype(np.int64)])
-        return interp_curves(self.config.clock_response, f, phase)
+            return np.ascontiguousarray(self._grid_tables[(phase, tp)][:, idx.astype(np.int64)])
+        return interp_curves(self.config.clock_response, f, phase, tp)
 
     def coefficients(self, phase: Phase, tp: int) -> NDArray[np.float64]:
         """The kernel coefficient vector of ``phase`` at ``tp`` (read-only)."""

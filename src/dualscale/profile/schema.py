@@ -4,18 +4,27 @@ Model (per iteration, one instance of ``tp`` GPUs, clock ``f``)::
 
     mem_s  = base_s + per_request_s * n + per_context_token_s * sum(context)     (memory-bound work)
     comp_s = per_token_s * (sum(tokens) + attention_pairs * attention_token_equiv)  (compute-bound)
-    time_s(f)  = sqrt((mem_s * mem_slowdown(f))**2 + (comp_s * comp_slowdown(f))**2)   (soft roofline)
-    power_w(f) = min(cap, idle_power_w(f) + w_mem * mem_power_w(f) + w_comp * comp_power_w(f))
+    a, b   = mem_s * mem_slowdown(f), comp_s * comp_slowdown(f)
+    time_s(f)  = sqrt(a**2 + b**2)                                                   (soft roofline)
+    power_w(f) = min(cap, idle_power_w(f) + (a / time_s) * mem_power_w(f) + (b / time_s) * comp_power_w(f))
 
-with ``w_mem``/``w_comp`` the shares of the two squared terms. The clock-dependent
-curves live in :class:`ClockResponse`, apart from the batch-dependent coefficients, so a sweep
-on real hardware can replace them without refitting the rest. Slowdowns are interpolated
-linearly in 1/f (time of clock-bound work scales with 1/f), power curves linearly in f.
+``a / time_s`` and ``b / time_s`` are the fractions of the iteration the memory system and the
+tensor cores are busy (each <= 1; they overlap, so their sum lies in [1, sqrt(2)]), and
+``mem_power_w``/``comp_power_w`` the power each draws above idle while busy: the energy of an
+iteration is idle power x time plus each unit's busy power x its busy time. Format 1 weighted
+the curves by the squared shares ``(a / time_s)**2`` instead; its curves do not carry over.
+
+The clock-dependent curves live in :class:`ClockResponse`, apart from the batch-dependent
+coefficients, so a sweep on real hardware can replace them without refitting the rest. The busy
+power curves are per phase and apply to every TP degree, unless ``[[clock_response.power_by_tp]]``
+gives a TP degree curves of its own (:class:`TpPower`). Slowdowns are interpolated linearly in
+1/f (time of clock-bound work scales with 1/f), power curves linearly in f.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+from typing import Annotated
 
 import msgspec
 
@@ -23,8 +32,13 @@ from dualscale.config import check
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+#: Busy power above idle of one GPU, W: at least 0 (and finite, checked after decoding).
+PowerW = Annotated[float, msgspec.Meta(ge=0)]
 Source = Annotated[str, msgspec.Meta(min_length=3)]
 TP_DEGREES = (1, 2, 4, 8, 16)
+#: Version of the profile file format this code reads (see the module docstring).
+FORMAT = 2
+POWER_CURVES = ("prefill_mem_power_w", "prefill_comp_power_w", "decode_mem_power_w", "decode_comp_power_w")
 
 
 class _Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -77,19 +91,49 @@ class Model(_Frozen):
         return 4.0 * self.hidden_size * self.layers / (2.0 * self.params)
 
 
+def _check_curves(owner: object, prefix: str, names: tuple[str, ...], n_knots: int) -> None:
+    for name in names:
+        v = getattr(owner, name)
+        check(len(v) == n_knots, f"{prefix}.{name}", f"{len(v)} values", f"must have one value per knot ({n_knots})")
+        bad = [x for x in v if not math.isfinite(x)]
+        check(not bad, f"{prefix}.{name}", bad[0] if bad else None, "must be finite")
+
+
+class TpPower(_Frozen):
+    """Busy power curves (W per GPU, at ``clock_response.knots_mhz``) of one TP degree.
+
+    They replace the shared curves of :class:`ClockResponse` for that TP degree only: the work
+    per GPU, and so its power, changes with the number of GPUs the model is split over.
+    """
+
+    tp: Annotated[int, msgspec.Meta(gt=0)]
+    prefill_mem_power_w: list[PowerW]
+    prefill_comp_power_w: list[PowerW]
+    decode_mem_power_w: list[PowerW]
+    decode_comp_power_w: list[PowerW]
+    source: Source
+
+    def __post_init__(self) -> None:
+        check(self.tp in TP_DEGREES, "clock_response.power_by_tp.tp", self.tp, f"must be one of {TP_DEGREES}")
+
+
 class ClockResponse(_Frozen):
-    """Clock-dependent curves at knots (ascending MHz), normalised to 1 at ``reference_mhz``."""
+    """Clock-dependent curves at knots (ascending MHz), normalised to 1 at ``reference_mhz``.
+
+    The four busy power curves apply to every TP degree without an entry in ``power_by_tp``.
+    """
 
     knots_mhz: list[Positive]
     reference_mhz: Positive
     mem_slowdown: list[Positive]
     comp_slowdown: list[Positive]
     idle_power_w: list[NonNeg]
-    prefill_mem_power_w: list[float]
-    prefill_comp_power_w: list[float]
-    decode_mem_power_w: list[float]
-    decode_comp_power_w: list[float]
+    prefill_mem_power_w: list[PowerW]
+    prefill_comp_power_w: list[PowerW]
+    decode_mem_power_w: list[PowerW]
+    decode_comp_power_w: list[PowerW]
     source: Source
+    power_by_tp: list[TpPower] = []
 
     def __post_init__(self) -> None:
         k = self.knots_mhz
@@ -97,11 +141,15 @@ class ClockResponse(_Frozen):
         check(all(a < b for a, b in zip(k, k[1:])), "clock_response.knots_mhz", k, "must be strictly ascending")
         check(self.reference_mhz in k, "clock_response.reference_mhz", self.reference_mhz,
               "must be one of clock_response.knots_mhz")
-        for name in ("mem_slowdown", "comp_slowdown", "idle_power_w", "prefill_mem_power_w",
-                     "prefill_comp_power_w", "decode_mem_power_w", "decode_comp_power_w"):
-            v = getattr(self, name)
-            check(len(v) == len(k), f"clock_response.{name}", f"{len(v)} values",
-                  f"must have one value per knot ({len(k)})")
+        _check_curves(self, "clock_response", ("mem_slowdown", "comp_slowdown", "idle_power_w", *POWER_CURVES), len(k))
+        tps = [p.tp for p in self.power_by_tp]
+        check(len(set(tps)) == len(tps), "clock_response.power_by_tp", tps, "TP degrees must be unique")
+        for i, p in enumerate(self.power_by_tp):
+            _check_curves(p, f"clock_response.power_by_tp[{i}]", POWER_CURVES, len(k))
+
+    def power_curves(self, tp: int) -> TpPower | ClockResponse:
+        """The object holding the busy power curves of ``tp``: its override, else the shared curves."""
+        return next((p for p in self.power_by_tp if p.tp == tp), self)
 
 
 class Coefficients(_Frozen):
@@ -136,7 +184,7 @@ class Latency(_Frozen):
 class ProfileConfig(_Frozen):
     """One (GPU, model) profile file. Every section carries ``source``: dataset, fit or assumption."""
 
-    format: Literal[1]
+    format: Annotated[int, msgspec.Meta(ge=1)]
     name: str
     description: str
     gpu: Gpu
@@ -145,7 +193,14 @@ class ProfileConfig(_Frozen):
     latency: Latency
 
     def __post_init__(self) -> None:
+        check(self.format == FORMAT, "format", self.format,
+              f"must be {FORMAT}, the format this version reads (format 1 weighted busy power by the squared work "
+              "shares, so its power curves do not carry over: refit with `dualscale profile fit`)")
         k = self.clock_response.knots_mhz
         check(k[0] <= self.gpu.clock_min_mhz and k[-1] >= self.gpu.clock_max_mhz,
               "clock_response.knots_mhz", [k[0], k[-1]],
               f"must span the GPU clock range [{self.gpu.clock_min_mhz}, {self.gpu.clock_max_mhz}] MHz")
+        tps = sorted(c.tp for c in self.latency.prefill)
+        for i, p in enumerate(self.clock_response.power_by_tp):
+            check(p.tp in tps, f"clock_response.power_by_tp[{i}].tp", p.tp,
+                  f"must be one of the profile's TP degrees {tps} (latency.prefill)")
