@@ -11,9 +11,11 @@ settings.load_profile("dualscale")
 @pytest.fixture(scope="session", autouse=True)
 def _compiled_kernels():
     """Compile every kernel once, before any hypothesis deadline could see the JIT."""
-    from dualscale._kernels import perf_model
+    from dualscale._kernels import mpc, perf_model, slack
 
     perf_model.warm_up()
+    mpc.warm_up()
+    slack.warm_up()
 
 
 @pytest.fixture(scope="session")

@@ -42,3 +42,172 @@ def decode_grid(context_tokens, coef, table):
     mem = coef[pm.C_BASE_S] + coef[pm.C_PER_REQUEST_S] * len(c) + coef[pm.C_PER_CONTEXT_TOKEN_S] * c.sum()
     comp = coef[pm.C_PER_TOKEN_S] * (len(c) + coef[pm.C_ATTN_TOKEN_EQUIV] * c.sum())
     return eval_clocks(mem, comp, coef, table)
+
+
+# ---- prefill MPC (dualscale/_kernels/mpc.py) ---------------------------------------------------
+# project()'s twin is dualscale.testing.project_queue (public, used by the guarantee checks).
+TOL_S = 1e-9
+
+
+def tabulate(batches, coef, table):
+    """(2, K, F): time and instance energy of each batch [(chunk, prefix), ...] on every clock."""
+    out = np.empty((2, len(batches), table.shape[1]))
+    for k, b in enumerate(batches):
+        r = prefill_grid([c for c, _ in b], [p for _, p in b], coef, table)
+        out[0, k] = r[0]
+        out[1, k] = coef[pm.C_TP] * r[1] * r[0]
+    return out
+
+
+def budgets(now_s, arrival_s, completes, ttft_slo_s, margin, times):
+    """Per-batch budgets from deadlines, relaxed to the all-top completion; (budgets, n_relaxed)."""
+    n = times.shape[0]
+    b = np.full(n, np.inf)
+    for a, k in zip(arrival_s, completes):
+        if k >= 0:
+            b[k] = min(b[k], a + (1 - margin) * ttft_slo_s - now_s)
+    cum_top = np.cumsum(times[:, -1])
+    relaxed = b + TOL_S < cum_top
+    return np.where(relaxed, cum_top, b), int(relaxed.sum())
+
+
+def frontier(times, energies):
+    """Efficient clock columns, fastest first: sorted by time, then energy, then faster clock; kept
+    while energy strictly falls."""
+    cols = sorted(range(len(times)), key=lambda j: (times[j], energies[j], -j))
+    front, best = [], np.inf
+    for j in cols:
+        if energies[j] < best:
+            front.append(j)
+            best = energies[j]
+    return front
+
+
+def plan_cost(times, energies, budget_s, plan):
+    cum = np.cumsum([times[k, j] for k, j in enumerate(plan)])
+    energy = sum(energies[k, j] for k, j in enumerate(plan))
+    return energy, bool(np.all(cum <= budget_s[: len(plan)] + TOL_S))
+
+
+def brute_force(times, energies, budget_s):
+    """Least energy over every plan of every clock (small instances only)."""
+    import itertools
+
+    n, f = times.shape
+    best = np.inf
+    for plan in itertools.product(range(f), repeat=n):
+        e, ok = plan_cost(times, energies, budget_s, plan)
+        if ok and e < best:
+            best = e
+    return best
+
+
+def greedy(times, energies, budget_s):
+    """The paper's search, from its description (paper-notes.md, "Search")."""
+    import itertools
+
+    n, f = times.shape
+    plan = [f - 1] * n
+    best, _ = plan_cost(times, energies, budget_s, plan)
+    level = f - 1
+    while level > 0:
+        cand = [k for k in range(n) if plan[k] == level]
+        if not cand:
+            break
+        sub_best, sub_plan = np.inf, None
+        for r in range(1, len(cand) + 1):
+            for subset in itertools.combinations(cand, r):
+                trial = [level - 1 if k in subset else plan[k] for k in range(n)]
+                e, ok = plan_cost(times, energies, budget_s, trial)
+                if ok and e < sub_best:
+                    sub_best, sub_plan = e, trial
+        if sub_best < best:
+            best, plan = sub_best, sub_plan
+            level -= 1
+        else:
+            break
+    return best
+
+
+def qp_fit(times, energies, front, scale):
+    """(a, b, umax) of batch energy / scale ~ a u^2 + b u over the efficient clocks, u = t / t_fast."""
+    u = times[front] / times[front[0]]
+    e = energies[front] / scale
+    if len(front) >= 3:
+        a, b, _ = np.linalg.lstsq(np.vander(u, 3), e, rcond=None)[0]
+        if a > 0:
+            return a, b, u.max()
+    if len(front) >= 2:
+        b, _ = np.linalg.lstsq(np.vander(u, 2), e, rcond=None)[0]
+        return 0.0, b, u.max()
+    return 0.0, 0.0, 1.0
+
+
+def round_repair_improve(times, energies, budget_s, fronts, u):
+    """Plan from slowdowns u: round toward faster, repair broken budgets by the cheapest speed-up
+    per second saved, then take the best energy-saving move (one batch one step slower, or one
+    faster and another slower) until none is feasible. Returns (energy, plan)."""
+    n = len(fronts)
+    pos = []
+    for k, fr in enumerate(fronts):
+        target = times[k, fr[0]] * u[k] * (1 + 1e-12)
+        p = 0
+        for q in range(1, len(fr)):
+            if times[k, fr[q]] <= target:
+                p = q
+            else:
+                break
+        pos.append(p)
+
+    def plan():
+        return [fronts[k][pos[k]] for k in range(n)]
+
+    def first_broken(pl):
+        cum = np.cumsum([times[k, j] for k, j in enumerate(pl)])
+        bad = np.flatnonzero(cum > budget_s[:n] + TOL_S)
+        return int(bad[0]) if bad.size else -1
+
+    while (b := first_broken(plan())) >= 0:
+        def rate(k):
+            jf, js = fronts[k][pos[k] - 1], fronts[k][pos[k]]
+            dt = times[k, js] - times[k, jf]
+            return (energies[k, jf] - energies[k, js]) / dt if dt > 0 else np.inf
+        movable = [k for k in range(b + 1) if pos[k] > 0]
+        k = min(movable, key=lambda k: (rate(k), k))
+        pos[k] -= 1
+    while True:
+        base_e, _ = plan_cost(times, energies, budget_s, plan())
+        best_gain, best_move = 0.0, None
+        for j in range(n):
+            if pos[j] + 1 >= len(fronts[j]):
+                continue
+            for i in [None] + [i for i in range(n) if i != j and pos[i] > 0]:
+                pos[j] += 1
+                if i is not None:
+                    pos[i] -= 1
+                e, ok = plan_cost(times, energies, budget_s, plan())
+                gain = base_e - e
+                if ok and gain > best_gain:
+                    best_gain, best_move = gain, (j, i)
+                pos[j] -= 1
+                if i is not None:
+                    pos[i] += 1
+        if best_move is None:
+            break
+        j, i = best_move
+        pos[j] += 1
+        if i is not None:
+            pos[i] -= 1
+    return plan_cost(times, energies, budget_s, plan())[0], plan()
+
+
+# ---- decode slack (dualscale/_kernels/slack.py) ------------------------------------------------
+def decode_choose(now_s, first_token_s, tokens_out, context_tokens, slo_s, margin, request_slack, coef, table):
+    """(clock column or -1, budget_s): least-energy clock whose step fits the budget, lowest on ties."""
+    target = (1 - margin) * slo_s
+    budget = float(np.min(target * tokens_out - (now_s - first_token_s))) if request_slack else target
+    t, w = decode_grid(context_tokens, coef, table)
+    energy = np.where(t <= budget + TOL_S, w * t, np.inf)
+    if not np.isfinite(energy).any():
+        return -1, budget
+    return int(np.argmin(energy)), budget

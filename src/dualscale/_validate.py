@@ -38,17 +38,6 @@ def whole(name: str, x: Any, minimum: int, maximum: int | None = None) -> int:
     return v
 
 
-def float_array(name: str, x: ArrayLike) -> NDArray[np.float64]:
-    """A 1-D contiguous float64 copy-free view of ``x`` with every entry finite."""
-    a = np.ascontiguousarray(x, dtype=np.float64)
-    if a.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D array (one entry per request), got shape {a.shape}")
-    if not np.all(np.isfinite(a)):
-        i = int(np.flatnonzero(~np.isfinite(a))[0])
-        raise ValueError(f"{name}[{i}] = {a[i].item()!r}: must be finite")
-    return a
-
-
 def token_array(name: str, x: ArrayLike, minimum: int, allow_empty: bool = False) -> NDArray[np.int64]:
     """A 1-D contiguous int64 array of whole token counts, each >= ``minimum``."""
     a = np.asarray(x)
@@ -71,8 +60,20 @@ def token_array(name: str, x: ArrayLike, minimum: int, allow_empty: bool = False
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def same_length(first: str, n: int, **others: NDArray[Any]) -> None:
-    """Every array in ``others`` has length ``n`` (the length of ``first``)."""
-    for name, a in others.items():
-        if a.shape[0] != n:
-            raise ValueError(f"{name}: length {a.shape[0]} does not match {first} length {n}")
+def counts(name: str, x: ArrayLike, n: int, ref: str) -> NDArray[np.int64]:
+    """Token counts as int64, length ``n`` (that of ``ref``), without per-element range checks: the
+    controllers' compiled input checks do those in one pass (see ``check_queue``/``check_batch``)."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        a = token_array(name, a, -(2**62), allow_empty=True)
+    if a.shape[0] != n:
+        raise ValueError(f"{name}: length {a.shape[0]} does not match {ref} length {n}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def vector(name: str, x: ArrayLike) -> NDArray[np.float64]:
+    """A 1-D float64 array (finiteness is left to the compiled input checks)."""
+    a = np.ascontiguousarray(x, dtype=np.float64)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array (one entry per request), got shape {a.shape}")
+    return a

@@ -157,7 +157,7 @@ def budgets(arrival_s, done_batch, params, tables, n_batches, budget_s):
     relaxed = 0
     for k in range(n_batches):
         cum += tables[TB_TIME_S, k, top]
-        if budget_s[k] < cum:
+        if budget_s[k] + TOL_S < cum:
             budget_s[k] = cum
             relaxed += 1
     return relaxed
@@ -165,7 +165,8 @@ def budgets(arrival_s, done_batch, params, tables, n_batches, budget_s):
 
 @njit(cache=CACHE, fastmath=FASTMATH)
 def frontier(tables, n_batches, order, n_front):
-    """Each batch's efficient clocks: sorted by time, kept only while energy strictly falls."""
+    """Each batch's efficient clocks: sorted by time, kept only while energy strictly falls (so
+    times strictly rise along the list)."""
     n_clocks = tables.shape[2]
     for k in range(n_batches):
         times = tables[TB_TIME_S, k]
@@ -190,6 +191,9 @@ def frontier(tables, n_batches, order, n_front):
             e = tables[TB_ENERGY_J, k, j]
             if e < best:
                 best = e
+                # as fast as the last kept clock but cheaper: that one was dominated after all
+                if m > 0 and times[j] == times[order[k, m - 1]]:
+                    m -= 1
                 order[k, m] = j
                 m += 1
         n_front[k] = m
@@ -208,6 +212,14 @@ def plan_cost(tables, budget_s, n_batches, plan):
         if cum > budget_s[k] + TOL_S:
             ok = False
     return energy, ok
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def cheapest_plan(tables, budget_s, n_batches, order, n_front, plan):
+    """Every batch at its least-energy clock: (energy_j, feasible). When feasible it is optimal."""
+    for k in range(n_batches):
+        plan[k] = order[k, n_front[k] - 1]
+    return plan_cost(tables, budget_s, n_batches, plan)
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
@@ -544,6 +556,7 @@ def warm_up() -> None:
     budgets(arrival, done, params, tables, n, budget)
     frontier(tables, n, order, n_front)
     plan_cost(tables, budget, n, plan)
+    cheapest_plan(tables, budget, n, order, n_front, plan)
     solve_exact(tables, budget, n, order, n_front, plan)
     solve_greedy(tables, budget, n, plan)
     qp_vec = np.empty((4, horizon))

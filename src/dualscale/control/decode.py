@@ -19,7 +19,6 @@ from dualscale import _validate as v
 from dualscale._kernels import perf_model as pm
 from dualscale._kernels import slack as sk
 from dualscale.control._clocks import resolve_clocks
-from dualscale.control.prefill import _ints
 from dualscale.profile import Profile
 
 Slack = Literal["request", "tbt"]
@@ -108,12 +107,10 @@ class DecodeController:
         """
         now = v.finite("now_s", now_s)
         kv = v.finite("kv_util", kv_util, 0.0, 1.0)
-        first = np.asarray(first_token_s, dtype=np.float64)
-        if first.ndim != 1:
-            raise ValueError(f"first_token_s: expected a 1-D array (one entry per request), got shape {first.shape}")
+        first = v.vector("first_token_s", first_token_s)
         n = first.shape[0]
-        out_tok = _ints("tokens_out", tokens_out, n)
-        ctx = _ints("context_tokens", context_tokens, n)
+        out_tok = v.counts("tokens_out", tokens_out, n, "first_token_s")
+        ctx = v.counts("context_tokens", context_tokens, n, "first_token_s")
         if n == 0:
             return DecodeDecision(self.idle_freq_mhz, 0.0, 0.0, True, float("inf"))
         code, i = sk.check_batch(now, first, out_tok, ctx)

@@ -55,23 +55,6 @@ class PrefillDecision(msgspec.Struct, frozen=True, gc=False):
     batch_tokens: tuple[int, ...]
 
 
-def _floats(name: str, x: ArrayLike) -> NDArray[np.float64]:
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D array (one entry per request), got shape {a.shape}")
-    return a
-
-
-def _ints(name: str, x: ArrayLike, n: int) -> NDArray[np.int64]:
-    """Token counts as int64 without the per-element checks (the queue kernel does those)."""
-    a = np.asarray(x)
-    if a.dtype.kind not in "iu" or a.ndim != 1:
-        a = v.token_array(name, a, -(2**62), allow_empty=True)
-    if a.shape[0] != n:
-        raise ValueError(f"{name}: length {a.shape[0]} does not match arrival_s length {n}")
-    return a
-
-
 class PrefillController:
     """Per-iteration clock choice for one prefill instance (embeddable: no threads, no sockets).
 
@@ -165,12 +148,12 @@ class PrefillController:
     # ---- the decision ------------------------------------------------------------------------
     def _queue(self, now_s: float, arrival_s: ArrayLike, prompt_tokens: ArrayLike,
                prefilled_tokens: ArrayLike | None) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
-        arrival = _floats("arrival_s", arrival_s)
+        arrival = v.vector("arrival_s", arrival_s)
         n = arrival.shape[0]
         tokens = np.zeros((2, n), dtype=np.int64)
-        tokens[mpc.Q_PROMPT] = _ints("prompt_tokens", prompt_tokens, n)
+        tokens[mpc.Q_PROMPT] = v.counts("prompt_tokens", prompt_tokens, n, "arrival_s")
         if prefilled_tokens is not None:
-            tokens[mpc.Q_DONE] = _ints("prefilled_tokens", prefilled_tokens, n)
+            tokens[mpc.Q_DONE] = v.counts("prefilled_tokens", prefilled_tokens, n, "arrival_s")
         code, i = mpc.check_queue(now_s, arrival, tokens)
         if code != mpc.QUEUE_OK:
             prompt, done = tokens[mpc.Q_PROMPT, i], tokens[mpc.Q_DONE, i]
@@ -238,6 +221,10 @@ class PrefillController:
         if self.solver == "greedy":
             return mpc.solve_greedy(t, b, n, plan)
         mpc.frontier(t, n, self._order, self._n_front)
+        # no deadline binds: every batch at its own least-energy clock is optimal, no search needed
+        energy, ok = mpc.cheapest_plan(t, b, n, self._order, self._n_front, plan)
+        if ok:
+            return energy
         if self.solver == "exact":
             return mpc.solve_exact(t, b, n, self._order, self._n_front, plan)
         assert self._qp is not None

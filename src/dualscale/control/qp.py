@@ -60,9 +60,9 @@ class QpResult(msgspec.Struct, frozen=True, gc=False):
 
 _STATUS = {"solved": QpStatus.SOLVED, "solved inaccurate": QpStatus.INACCURATE,
            "maximum iterations reached": QpStatus.MAX_ITER}
-_STATUS_VAL = {osqp.constant("OSQP_SOLVED"): QpStatus.SOLVED,
-               osqp.constant("OSQP_SOLVED_INACCURATE"): QpStatus.INACCURATE,
-               osqp.constant("OSQP_MAX_ITER_REACHED"): QpStatus.MAX_ITER}
+_STATUS_VAL = {int(osqp.SolverStatus.OSQP_SOLVED): QpStatus.SOLVED,
+               int(osqp.SolverStatus.OSQP_SOLVED_INACCURATE): QpStatus.INACCURATE,
+               int(osqp.SolverStatus.OSQP_MAX_ITER_REACHED): QpStatus.MAX_ITER}
 _OSQP_INFTY = osqp.constant("OSQP_INFTY")
 
 
@@ -142,7 +142,7 @@ class QpSolver:
             ext.warm_start(np.ones(k), np.zeros(2 * k))
             ext.solve()
             fast = np.array(ext.solution.x)
-            ok = ext.info.status_val == osqp.constant("OSQP_SOLVED")
+            ok = ext.info.status_val == int(osqp.SolverStatus.OSQP_SOLVED)
             return bool(ok and np.allclose(fast, 1.5, atol=1e-2) and np.allclose(ref, 1.5, atol=1e-2))
         except Exception:  # any mismatch in the private interface means: use the public one
             return False
