@@ -53,7 +53,7 @@ def test_tabulate_and_budgets_match_twins(profile, q, tp, slo_s, margin):
     want = ref.tabulate(batches, coef, table)
     np.testing.assert_allclose(tables[:, :n], want, rtol=1e-12)
 
-    params = np.array([q.now_s, slo_s, margin, 2048, horizon, tp], dtype=float)
+    params = np.array([q.now_s, slo_s, margin])
     budget = np.empty(horizon)
     relaxed = mpc.budgets(q.arrival_s, np.array(done, dtype=np.int64), params, tables, n, budget)
     want_b, want_relaxed = ref.budgets(q.now_s, q.arrival_s, done, slo_s, margin, tables[0, :n])
@@ -104,12 +104,16 @@ def test_exact_is_optimal_against_brute_force(p):
     tables, budget = p
     n = tables.shape[1]
     order, n_front = _front(tables, n)
-    plan = np.empty(n, dtype=np.int64)
-    energy = mpc.solve_exact(tables, budget, n, order, n_front, plan)
-    cost, ok = mpc.plan_cost(tables, budget, n, plan)
-    assert ok
-    assert cost == pytest.approx(energy, rel=1e-12)
-    assert energy == pytest.approx(ref.brute_force(tables[0], tables[1], budget), rel=1e-12)
+    best = ref.brute_force(tables[0], tables[1], budget)
+    top = np.full(n, tables.shape[2] - 1, dtype=np.int64)
+    # no bound, the all-top plan's energy, and the optimum itself as the bound: all exact
+    for upper in (np.inf, mpc.plan_cost(tables, budget, n, top)[0], best):
+        plan = np.empty(n, dtype=np.int64)
+        energy = mpc.solve_exact(tables, budget, n, order, n_front, plan, upper)
+        cost, ok = mpc.plan_cost(tables, budget, n, plan)
+        assert ok
+        assert cost == pytest.approx(energy, rel=1e-12)
+        assert energy == pytest.approx(best, rel=1e-12)
 
 
 @given(problems(max_batches=5))
@@ -180,3 +184,14 @@ def test_round_repair_improve_matches_twin_and_is_feasible(p, data):
     assert mpc.plan_cost(tables, budget, n, plan)[1]
     assert plan.tolist() == want_plan
     assert energy == pytest.approx(want_e, rel=1e-12)
+
+
+@given(st.integers(1, 16), st.data())
+def test_shift_warm_start_matches_numpy(k, data):
+    x = np.array(data.draw(st.lists(st.floats(-10, 10), min_size=k, max_size=k)))
+    y = np.array(data.draw(st.lists(st.floats(-10, 10), min_size=2 * k, max_size=2 * k)))
+    xs, ys = np.empty(k), np.empty(2 * k)
+    mpc.shift_warm_start(x, y, xs, ys)
+    shift = np.minimum(np.arange(k) + 1, k - 1)
+    assert xs.tolist() == x[shift].tolist()
+    assert ys.tolist() == np.concatenate([y[:k][shift], y[k:][shift]]).tolist()

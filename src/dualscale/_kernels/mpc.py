@@ -4,7 +4,7 @@ turn TTFT deadlines into per-batch time budgets, and solve for a clock plan.
 Array layouts (indices are module constants; arrays are contiguous):
 
 ``tokens`` (2, N) int64: row ``Q_PROMPT`` prompt tokens, row ``Q_DONE`` tokens already prefilled.
-``params`` (N_PARAMS,) float64: ``P_*`` scalars of one decision (now, SLO, margin, batch budget...).
+``params`` (N_PARAMS,) float64: ``P_*`` scalars of one decision (now, TTFT SLO, margin).
 ``chunk_tokens``/``chunk_prefix`` (C,) int64, C >= N + horizon: the projected chunks, in order.
 ``bounds`` (horizon + 1,) int64: batch k holds chunks ``bounds[k]:bounds[k + 1]``.
 ``done_batch`` (N,) int64: batch in which request i completes, -1 when beyond the horizon.
@@ -35,10 +35,7 @@ Q_DONE = 1
 P_NOW_S = 0
 P_TTFT_SLO_S = 1
 P_MARGIN = 2
-P_MAX_BATCH_TOKENS = 3
-P_HORIZON = 4
-P_TP = 5
-N_PARAMS = 6
+N_PARAMS = 3
 
 TB_TIME_S = 0
 TB_ENERGY_J = 1
@@ -223,13 +220,28 @@ def cheapest_plan(tables, budget_s, n_batches, order, n_front, plan):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
-def solve_exact(tables, budget_s, n_batches, order, n_front, plan):
+def solve_exact(tables, budget_s, n_batches, order, n_front, plan, upper_j):
     """Least-energy feasible plan, exactly: a dynamic program over (cumulative time, energy) labels.
 
     After each batch only Pareto-optimal labels survive (no label both slower and costlier than
     another), which loses nothing because every later constraint is monotone in cumulative time.
-    Only efficient clocks are expanded (a dominated clock is never needed). Returns the energy.
+    Only efficient clocks are expanded (a dominated clock is never needed). Two bounds keep the
+    label sets small without losing the optimum: a label that cannot meet a later budget even with
+    every later batch at its fastest clock is dropped, and so is one whose energy plus the least
+    possible energy of the remaining batches exceeds ``upper_j``, the energy of a known feasible
+    plan (``inf``: none known). Returns the energy; ``plan`` receives the clock columns.
     """
+    if n_batches == 0:
+        return 0.0
+    # rest_e[k]: least energy batches k+1.. can take; rest_t[k]: the most cumulative time after
+    # batch k that still lets every later budget hold with later batches at their fastest clock
+    rest_e = np.zeros(n_batches)
+    rest_t = np.full(n_batches, np.inf)
+    for k in range(n_batches - 2, -1, -1):
+        j1 = order[k + 1, 0]
+        rest_e[k] = rest_e[k + 1] + tables[TB_ENERGY_J, k + 1, order[k + 1, n_front[k + 1] - 1]]
+        rest_t[k] = min(budget_s[k + 1] + TOL_S, rest_t[k + 1]) - tables[TB_TIME_S, k + 1, j1]
+    cap = upper_j * (1.0 + 1e-12)
     cur_t = np.zeros(1)
     cur_e = np.zeros(1)
     choices = List()
@@ -241,15 +253,16 @@ def solve_exact(tables, budget_s, n_batches, order, n_front, plan):
         ce = np.empty(n_lab * nf)
         cp = np.empty(n_lab * nf, dtype=np.int64)
         cc = np.empty(n_lab * nf, dtype=np.int64)
-        lim = budget_s[k] + TOL_S
+        lim = min(budget_s[k] + TOL_S, rest_t[k])
         m = 0
         for lab in range(n_lab):
             for q in range(nf):
                 j = order[k, q]
                 t = cur_t[lab] + tables[TB_TIME_S, k, j]
-                if t <= lim:
+                e = cur_e[lab] + tables[TB_ENERGY_J, k, j]
+                if t <= lim and e + rest_e[k] <= cap:
                     ct[m] = t
-                    ce[m] = cur_e[lab] + tables[TB_ENERGY_J, k, j]
+                    ce[m] = e
                     cp[m] = lab
                     cc[m] = j
                     m += 1
@@ -263,13 +276,13 @@ def solve_exact(tables, budget_s, n_batches, order, n_front, plan):
                 best = ce[s]
                 keep[n_keep] = s
                 n_keep += 1
+        if n_keep == 0:
+            return np.inf  # only when upper_j is below every feasible plan's energy
         keep = keep[:n_keep]
         cur_t = ct[keep]
         cur_e = ce[keep]
         choices.append(cc[keep])
         parents.append(cp[keep])
-    if n_batches == 0:
-        return 0.0
     # the front is sorted by time with energy falling, so its last label is the cheapest
     lab = cur_t.shape[0] - 1
     energy = cur_e[lab]
@@ -343,7 +356,8 @@ def qp_data(tables, budget_s, n_batches, order, n_front, qp_vec, px, ax):
     ``n_batches`` are pinned at u = 1 with zero time):
 
     ``qp_vec`` (4, K): rows q (linear cost), upper bound of the cumulative-time row k (the budget),
-    upper bound of u_k (slowdown of the least-energy efficient clock), and the fastest time_k.
+    upper bound of u_k (slowdown of the least-energy efficient clock), and the fastest time_k; rows
+    1 and 2 are adjacent in memory, so together they are OSQP's upper-bound vector.
     ``px`` (K,): the diagonal of P (2a). ``ax`` (K (K+1) / 2 + K,): A in CSC order, column k holding
     the fastest time_k in cumulative rows k..K-1, then 1 in bound row K + k.
     """
@@ -527,11 +541,23 @@ def round_repair_improve(tables, budget_s, n_batches, order, n_front, u, plan, w
     return energy
 
 
+@njit(cache=CACHE, fastmath=FASTMATH)
+def shift_warm_start(x, y, xs, ys):
+    """Previous primal ``x`` (K) and dual ``y`` (2K) shifted by one batch into ``xs``/``ys``: the
+    first batch has run, so batch k + 1 becomes batch k; the last entry repeats."""
+    k = x.shape[0]
+    for i in range(k):
+        j = min(i + 1, k - 1)
+        xs[i] = x[j]
+        ys[i] = y[j]
+        ys[k + i] = y[k + j]
+
+
 def warm_up() -> None:
     """Compile (or load from cache) every kernel with the production argument types."""
     tokens = np.array([[300, 2500], [0, 0]], dtype=np.int64)
     arrival = np.array([0.0, 0.01])
-    params = np.array([0.02, 0.6, 0.05, 2048.0, 4.0, 4.0])
+    params = np.array([0.02, 0.6, 0.05])
     coef = np.ones(pm.N_COEF)
     coef[pm.C_PER_TOKEN_S] = 1e-5
     coef[pm.C_TP] = 4.0
@@ -557,10 +583,11 @@ def warm_up() -> None:
     frontier(tables, n, order, n_front)
     plan_cost(tables, budget, n, plan)
     cheapest_plan(tables, budget, n, order, n_front, plan)
-    solve_exact(tables, budget, n, order, n_front, plan)
+    solve_exact(tables, budget, n, order, n_front, plan, np.inf)
     solve_greedy(tables, budget, n, plan)
     qp_vec = np.empty((4, horizon))
     px = np.empty(horizon)
     ax = np.empty(horizon * (horizon + 1) // 2 + horizon)
     qp_data(tables, budget, n, order, n_front, qp_vec, px, ax)
     round_repair_improve(tables, budget, n, order, n_front, np.ones(horizon), plan, np.empty((2, horizon)))
+    shift_warm_start(np.ones(horizon), np.zeros(2 * horizon), np.empty(horizon), np.empty(2 * horizon))

@@ -13,6 +13,7 @@ first clock is applied; the next call re-plans. Three solvers share that problem
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Literal
 
@@ -24,7 +25,7 @@ from dualscale import _validate as v
 from dualscale._kernels import mpc
 from dualscale._kernels import perf_model as pm
 from dualscale.control._clocks import resolve_clocks
-from dualscale.control.qp import QpSettings, QpSolver, QpStatus, a_nnz
+from dualscale.control.qp import QpResult, QpSettings, QpSolver, QpStatus, a_nnz
 from dualscale.profile import Profile
 
 Solver = Literal["qp", "exact", "greedy"]
@@ -100,11 +101,9 @@ class PrefillController:
         self._params = np.zeros(mpc.N_PARAMS)
         self._params[mpc.P_TTFT_SLO_S] = self.ttft_slo_s
         self._params[mpc.P_MARGIN] = self.margin
-        self._params[mpc.P_MAX_BATCH_TOKENS] = self.max_batch_tokens
-        self._params[mpc.P_HORIZON] = k
-        self._params[mpc.P_TP] = tp
         self._bounds = np.zeros(k + 1, dtype=np.int64)
         self._batch_tokens = np.zeros(k, dtype=np.int64)
+        self._done_batch = np.empty(0, dtype=np.int64)
         self._grow(64)
         self._tables = np.zeros((2, k, n_clocks))
         self._out = np.empty((2, n_clocks))
@@ -115,11 +114,16 @@ class PrefillController:
         self._qp_vec = np.empty((4, k))
         self._px = np.empty(k)
         self._ax = np.empty(a_nnz(k))
-        self._upper = np.empty(2 * k)
+        # views into qp_vec's rows, so the QP data reaches OSQP without copies
+        self._q = self._qp_vec[0]
+        self._upper = self._qp_vec[1:3].reshape(-1)
         self._work = np.empty((2, k))
+        self._ones = np.ones(k)
         self._qp: QpSolver | None = None
-        #: status of the last QP solve (None for the other solvers or when no QP was needed)
-        self.last_qp_status: QpStatus | None = None
+        #: result of the last QP solve (None for the other solvers or when no QP was needed)
+        self.last_qp: QpResult | None = None
+        #: wall seconds of the last decision spent in OSQP (update + warm start + solve)
+        self.last_osqp_s = 0.0
         if solver == "qp":
             self._qp = QpSolver(k, qp_settings)
             self._qp.setup()
@@ -131,7 +135,7 @@ class PrefillController:
 
     def _grow(self, n_requests: int) -> None:
         # workspaces sized by the queue grow geometrically and are reused across decisions
-        cap = max(n_requests, 2 * self._done_batch.shape[0]) if hasattr(self, "_done_batch") else n_requests
+        cap = max(n_requests, 2 * self._done_batch.shape[0])
         self._done_batch = np.empty(cap, dtype=np.int64)
         self._chunk_tokens = np.empty(cap + self.horizon, dtype=np.int64)
         self._chunk_prefix = np.empty(cap + self.horizon, dtype=np.int64)
@@ -200,7 +204,8 @@ class PrefillController:
         relaxed = mpc.budgets(arrival, self._done_batch[:n_req], self._params, self._tables, n, self._budget_s)
         plan = self._plan
         top = self.clocks_mhz.size - 1
-        self.last_qp_status = None
+        self.last_qp = None
+        self.last_osqp_s = 0.0
         if kv >= self.kv_guard:
             plan[:n] = top
             energy, _ = mpc.plan_cost(self._tables, self._budget_s, n, plan)
@@ -226,16 +231,20 @@ class PrefillController:
         if ok:
             return energy
         if self.solver == "exact":
-            return mpc.solve_exact(t, b, n, self._order, self._n_front, plan)
+            # a good feasible plan first: its energy bounds the exact search (which stays exact)
+            upper = mpc.round_repair_improve(t, b, n, self._order, self._n_front, self._ones, plan, self._work)
+            energy = mpc.solve_exact(t, b, n, self._order, self._n_front, plan, upper)
+            # inf only if rounding put the bound below the optimum; plan then still holds the bound's
+            return energy if energy < np.inf else upper
         assert self._qp is not None
         mpc.qp_data(t, b, n, self._order, self._n_front, self._qp_vec, self._px, self._ax)
         k = self.horizon
-        self._upper[:k] = self._qp_vec[1]
-        self._upper[k:] = self._qp_vec[2]
-        self._qp.update(self._px, self._qp_vec[0], self._ax, self._upper)
+        t0 = time.perf_counter()
+        self._qp.update(self._px, self._q, self._ax, self._upper)
         self._qp.warm_start_shifted()
         res = self._qp.solve()
-        self.last_qp_status = res.status
+        self.last_osqp_s = time.perf_counter() - t0
+        self.last_qp = res
         # a failed solve still yields a feasible plan: repair starts from all-fast instead
         u = res.x if res.status is not QpStatus.FAILED else np.ones(k)
         return mpc.round_repair_improve(t, b, n, self._order, self._n_front, u, plan, self._work)

@@ -23,6 +23,7 @@ import osqp
 import scipy.sparse as sp
 from numpy.typing import NDArray
 
+from dualscale._kernels import mpc
 from dualscale.errors import SolverError
 
 
@@ -163,14 +164,8 @@ class QpSolver:
     def warm_start_shifted(self) -> None:
         """Start from the previous solution shifted by one batch (the first batch has run)."""
         assert self._solver is not None
-        k = self.horizon
-        x, y, xs, ys = self._x, self._y, self._xs, self._ys
-        xs[:-1] = x[1:]
-        xs[-1] = x[-1]
-        ys[: k - 1] = y[1:k]
-        ys[k - 1] = y[k - 1]
-        ys[k : 2 * k - 1] = y[k + 1 :]
-        ys[2 * k - 1] = y[2 * k - 1]
+        xs, ys = self._xs, self._ys
+        mpc.shift_warm_start(self._x, self._y, xs, ys)
         if self._ext is not None:
             self._ext.warm_start(xs, ys)
         else:

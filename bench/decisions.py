@@ -1,0 +1,224 @@
+"""Decision latency and plan quality of the fine-tier controllers, measured in-process and warm.
+
+Prefill: for each solver (qp, exact, greedy) x horizon x clock set (the paper's 7 clocks, the
+full 15 MHz grid) x queue size, the controllers decide on the same closed-loop sequence of queue
+states (each state: the previous one with its first batch run at the qp clock, arrivals since,
+topped up to the queue size). Reported per case: p50 / p99 / p99.9 latency of `decide`, the
+p50 ratio to greedy's on the same states, and for qp and greedy the energy gap to exact's plan
+(share within 1 %, p95, max). For qp also the median share of the decision spent in OSQP
+(update + warm start + solve) and its median iterations.
+
+Decode: `DecodeController.decide` at batch sizes 16 / 64 / 256 / 1024, side by side with a plain
+NumPy implementation of the same decision (tests/reference.py).
+
+Targets on a 2-core machine (issue 3): prefill qp, K=8, full grid: p99 <= 200 us (goal 50 us);
+decode, B=256: p99 <= 20 us (goal 10 us). The paper reports about 4 ms per decision.
+
+    python bench/decisions.py [--json out.json] [--budget-s 4] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import reference as ref  # noqa: E402
+
+import dualscale  # noqa: E402
+
+PAPER_CLOCKS = [360, 570, 780, 1080, 1380, 1680, 1830]
+SOLVERS = ("greedy", "qp", "exact")
+
+
+def queue_states(rng: np.random.Generator, ctl: dualscale.PrefillController, size: int, count: int,
+                 rate_per_s: float) -> list[tuple[float, np.ndarray, np.ndarray, np.ndarray]]:
+    """A closed-loop sequence of waiting queues of about ``size`` requests (see module docstring)."""
+    now = 100.0
+    arrival = list(np.sort(now - rng.uniform(0.0, 0.4, size)))
+    prompt = list(np.clip(rng.lognormal(6.5, 1.0, size), 16, 8000).astype(int))
+    done = [0] * size
+    states = []
+    while len(states) < count:
+        states.append((now, np.array(arrival), np.array(prompt, dtype=np.int64), np.array(done, dtype=np.int64)))
+        d = ctl.decide(now, arrival, prompt, done)
+        # run the first batch: it prefills its tokens from the head of the queue
+        budget = d.batch_tokens[0]
+        while budget > 0:
+            take = min(prompt[0] - done[0], budget)
+            done[0] += take
+            budget -= take
+            if done[0] == prompt[0]:
+                arrival.pop(0), prompt.pop(0), done.pop(0)
+        later = now + d.batch_time_s
+        t = now
+        while True:
+            t += rng.exponential(1.0 / rate_per_s)
+            if t > later:
+                break
+            arrival.append(t), prompt.append(int(np.clip(rng.lognormal(6.5, 1.0), 16, 8000))), done.append(0)
+        now = later
+        while len(arrival) < size:  # keep the queue at its nominal size: top up with fresh arrivals
+            arrival.append(now), prompt.append(int(np.clip(rng.lognormal(6.5, 1.0), 16, 8000))), done.append(0)
+        if len(arrival) > size:
+            del arrival[size:], prompt[size:], done[size:]
+    return states
+
+
+def percentiles_us(samples_s: list[float]) -> dict[str, float]:
+    a = np.asarray(samples_s) * 1e6
+    return {"p50_us": float(np.median(a)), "p99_us": float(np.percentile(a, 99)),
+            "p999_us": float(np.percentile(a, 99.9)), "n": int(a.size)}
+
+
+def time_solver(ctl, states, budget_s: float, max_decisions: int) -> tuple[dict, list[float], list[float], list[int]]:
+    """Latency over repeated passes of ``states`` within ``budget_s``; energies and OSQP stats of pass 1."""
+    for s in states[: min(20, len(states))]:
+        ctl.decide(*s)
+    lat: list[float] = []
+    energies: list[float] = []
+    osqp_share: list[float] = []
+    iters: list[int] = []
+    clock = time.perf_counter
+    start = clock()
+    i = 0
+    while len(lat) < max_decisions and (clock() - start < budget_s or i < len(states)):
+        s = states[i % len(states)]
+        t0 = clock()
+        d = ctl.decide(*s)
+        dt = clock() - t0
+        lat.append(dt)
+        if i < len(states):
+            energies.append(d.energy_j)
+            if getattr(ctl, "last_qp", None) is not None:
+                osqp_share.append(ctl.last_osqp_s / dt)
+                iters.append(ctl.last_qp.iterations)
+        i += 1
+    return percentiles_us(lat), energies, osqp_share, iters
+
+
+def bench_prefill(args, profile, progress) -> list[dict]:
+    horizons = (4, 8) if args.quick else (4, 8, 16)
+    sizes = (4, 32) if args.quick else (4, 16, 64)
+    clock_sets = {"paper7": PAPER_CLOCKS, "full": None}
+    cases = [(k, cn, q) for k in horizons for cn in clock_sets for q in sizes]
+    task = progress.add_task("prefill cases", total=len(cases) * len(SOLVERS))
+    rows = []
+    for horizon, cname, size in cases:
+        ctls = {s: dualscale.PrefillController(profile, tp=4, ttft_slo_s=0.6, horizon=horizon, solver=s,
+                                               clocks_mhz=clock_sets[cname]) for s in SOLVERS}
+        rng = np.random.default_rng(1000 * horizon + size)
+        states = queue_states(rng, ctls["qp"], size, args.states, rate_per_s=args.rate)
+        results = {}
+        for s in SOLVERS:
+            results[s] = time_solver(ctls[s], states, args.budget_s, args.max_decisions)
+            progress.advance(task)
+        exact_e = np.asarray(results["exact"][1])
+        greedy_p50 = results["greedy"][0]["p50_us"]
+        for s in SOLVERS:
+            lat, energies, share, iters = results[s]
+            row = {"phase": "prefill", "solver": s, "horizon": horizon, "clocks": cname,
+                   "clock_count": int(ctls[s].clocks_mhz.size), "queue": size, **lat,
+                   "p50_vs_greedy": lat["p50_us"] / greedy_p50}
+            if s != "exact":
+                gap = np.asarray(energies) / exact_e - 1.0
+                row |= {"gap_within_1pct": float(np.mean(gap <= 0.01)), "gap_p95": float(np.percentile(gap, 95)),
+                        "gap_max": float(gap.max())}
+            if share:
+                row |= {"osqp_share_p50": float(np.median(share)), "osqp_iters_p50": float(np.median(iters))}
+            rows.append(row)
+    return rows
+
+
+def bench_decode(args, profile, progress) -> list[dict]:
+    batches = (16, 64, 256, 1024)
+    clock_sets = {"paper7": PAPER_CLOCKS, "full": None}
+    task = progress.add_task("decode cases", total=len(batches) * len(clock_sets))
+    rows = []
+    for cname, clocks in clock_sets.items():
+        ctl = dualscale.DecodeController(profile, tp=4, tpot_slo_s=0.1, clocks_mhz=clocks)
+        coef = profile.coefficients("decode", 4)
+        table = np.ascontiguousarray(profile.clock_table("decode", 4, ctl.clocks_mhz))
+        for b in batches:
+            rng = np.random.default_rng(b)
+            states = []
+            for _ in range(200):
+                out = rng.integers(1, 1500, b)
+                first = 1000.0 - (out - 1) * 0.1 * rng.uniform(0.3, 1.0, b)
+                ctx = rng.integers(100, 4000, b) + out
+                states.append((1000.0, first, out, ctx))
+            lat = time_solver(ctl, states, args.budget_s / 2, args.max_decisions)[0]
+            ref_lat = []
+            for s in states:  # the same decision in plain NumPy, side by side
+                t0 = time.perf_counter()
+                ref.decode_choose(s[0], s[1], s[2], s[3], 0.1, 0.05, True, coef, table)
+                ref_lat.append(time.perf_counter() - t0)
+            # agreement check: the benchmark reports only if the two pick the same clock
+            agree = True
+            for s in states[:50]:
+                j, _ = ref.decode_choose(s[0], s[1], s[2], s[3], 0.1, 0.05, True, coef, table)
+                agree &= ctl.decide(*s).freq_mhz == int(ctl.clocks_mhz[j])  # j = -1: top clock, as the controller
+
+            r = percentiles_us(ref_lat)
+            rows.append({"phase": "decode", "clocks": cname, "clock_count": int(ctl.clocks_mhz.size), "batch": b,
+                         **lat, "numpy_p50_us": r["p50_us"], "numpy_vs_controller": r["p50_us"] / lat["p50_us"],
+                         "agrees_with_numpy": agree})
+            progress.advance(task)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--budget-s", type=float, default=4.0, help="wall seconds per prefill case and solver (default: %(default)s)")
+    ap.add_argument("--max-decisions", type=int, default=3000, help="timed decisions per case at most (default: %(default)s)")
+    ap.add_argument("--states", type=int, default=300, help="queue states per prefill case (default: %(default)s)")
+    ap.add_argument("--rate", type=float, default=12.0, help="arrival rate of the closed-loop queue, req/s (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="fewer cases (horizons 4, 8; queues 4, 32), for a smoke run")
+    args = ap.parse_args()
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    profile = dualscale.Profile.load("h100-sxm-llama-3.3-70b")
+    with Progress(console=console, transient=True) as progress:
+        prefill = bench_prefill(args, profile, progress)
+        decode = bench_decode(args, profile, progress)
+
+    t = Table(title="prefill decision latency (us) and energy gap to exact")
+    for col in ("solver", "K", "clocks", "queue", "p50", "p99", "p99.9", "n", "x greedy", "<=1% gap", "gap max", "OSQP share", "iters"):
+        t.add_column(col, justify="right")
+    for r in prefill:
+        t.add_row(r["solver"], str(r["horizon"]), f"{r['clocks']}({r['clock_count']})", str(r["queue"]),
+                  f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", f"{r['p999_us']:.0f}", str(r["n"]),
+                  f"{r['p50_vs_greedy']:.2f}", f"{r['gap_within_1pct']:.3f}" if "gap_max" in r else "-",
+                  f"{r['gap_max']:.4f}" if "gap_max" in r else "-",
+                  f"{r['osqp_share_p50']:.2f}" if "osqp_share_p50" in r else "-",
+                  f"{r['osqp_iters_p50']:.0f}" if "osqp_iters_p50" in r else "-")
+    console.print(t)
+    t = Table(title="decode decision latency (us), controller vs plain NumPy")
+    for col in ("clocks", "batch", "p50", "p99", "p99.9", "numpy p50", "numpy / controller", "same clock"):
+        t.add_column(col, justify="right")
+    for r in decode:
+        t.add_row(f"{r['clocks']}({r['clock_count']})", str(r["batch"]), f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}",
+                  f"{r['p999_us']:.1f}", f"{r['numpy_p50_us']:.1f}", f"{r['numpy_vs_controller']:.1f}",
+                  str(r["agrees_with_numpy"]))
+    console.print(t)
+    if args.json:
+        meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                "dualscale": dualscale.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+        args.json.write_text(json.dumps({"meta": meta, "prefill": prefill, "decode": decode}, indent=1))
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
