@@ -19,3 +19,35 @@ def test_bad_profile_and_tp_are_clear_errors(capsys):
 def test_validate_without_data_names_the_missing_file(tmp_path, capsys):
     assert main(["profile", "validate", "--data", str(tmp_path)]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_simulate_writes_json_and_plots(tmp_path, capsys):
+    import json
+
+    from dualscale.cli import main
+
+    out = tmp_path / "out.json"
+    rc = main(["simulate", "--duration", "20", "--quiet", "--json", str(out), "--plots", str(tmp_path / "p"),
+               "--policy", "distserve", "--policy", "dualscale"])
+    assert rc == 0
+    records = json.loads(out.read_text())
+    assert [r["policy"] for r in records] == ["distserve", "dualscale"]
+    for r in records:
+        assert set(r) >= {"policy", "trace", "requests", "completed", "energy_j", "j_per_token", "ttft_s",
+                          "tpot_s", "slo", "gpus", "sim_wall_s"}
+        assert r["energy_j"]["total"] == r["energy_j"]["prefill"] + r["energy_j"]["decode"]
+        assert r["gpus"] == {"prefill": 8, "decode": 8}
+    assert records[1]["energy_j"]["total"] < records[0]["energy_j"]["total"]
+    pngs = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert pngs == ["distserve-decode.png", "distserve-prefill.png", "dualscale-decode.png", "dualscale-prefill.png",
+                    "energy.png"]
+    assert "energy and latency per policy" in capsys.readouterr().out
+
+
+def test_simulate_bad_arguments_exit_2_with_the_reason(capsys):
+    from dualscale.cli import main
+
+    assert main(["simulate", "--policy", "turbo", "--duration", "5", "--quiet"]) == 2
+    assert "policy 'turbo'" in capsys.readouterr().err
+    assert main(["simulate", "--trace", "gamma", "--quiet"]) == 2
+    assert "trace.rate_per_s" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import dualscale
+from dualscale._files import write_atomic
 from dualscale.profile import datasets as ds
 from dualscale.profile import fit
 
@@ -75,7 +76,7 @@ def test_fit_is_deterministic_and_round_trips(synthetic, tmp_path):
     b = fit.to_toml(fit.fit(synthetic))
     assert a == b
     out = tmp_path / "sub" / "p.toml"
-    fit.write_atomic(out, a)
+    write_atomic(out, a)
     assert out.read_bytes() == a
     assert dualscale.Profile.load(out).config == fit.fit(synthetic)
     assert list(out.parent.iterdir()) == [out]  # no temporary left behind
@@ -85,7 +86,7 @@ def test_write_atomic_leaves_old_file_on_failure(tmp_path):
     out = tmp_path / "p.toml"
     out.write_bytes(b"old")
     with pytest.raises(TypeError):
-        fit.write_atomic(out, "not bytes")  # type: ignore[arg-type]
+        write_atomic(out, "not bytes")  # type: ignore[arg-type]
     assert out.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [out]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from dualscale._files import write_atomic
 from dualscale._version import __version__
 from dualscale.errors import DualscaleError
 
@@ -77,6 +78,44 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name or TOML path")
     val.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (default: %(default)s)")
     val.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    sim = sub.add_parser(
+        "simulate", help="replay a trace through a simulated P/D cluster under clock policies",
+        description=(
+            "Simulate a prefill/decode-disaggregated cluster on a request trace under each policy and compare\n"
+            "energy per phase and TTFT/TPOT against the SLOs. With no options: the built-in default scenario\n"
+            "(16 x H100, Llama-3.3-70B, prefill TP2 x 4 + decode TP4 x 2, Azure conv 2023, one hour),\n"
+            "distserve vs dualscale.\n\n"
+            "policies: distserve (top clock), static:<MHz>, dualscale (prefill MPC + decode slack),\n"
+            "          lowest-feasible (throttLL'eM-style), rules (VoltanaLLM-style feedback)\n"
+            "traces:   azure-conv, azure-code, mooncake-conv, gamma (synthetic: --rate, --cv, --duration),\n"
+            "          or a CSV/JSONL file with arrival time, input and output tokens\n\n"
+            "examples:\n"
+            "  dualscale simulate\n"
+            "  dualscale simulate --trace azure-code --duration 600 --policy distserve --policy rules --json out.json\n"
+            "  dualscale simulate --trace gamma --rate 20 --cv 1.41 --duration 300 --plots plots/\n"
+            "  dualscale simulate --load 0.5 --scaling downsample   # every second request, original timestamps"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = sim.add_mutually_exclusive_group()
+    where.add_argument("--scenario", default="default", help="built-in scenario name (default: %(default)s)")
+    where.add_argument("--config", type=Path, help="scenario TOML file (see configs/scenarios/default.toml)")
+    sim.add_argument("--trace", help="trace name or file (default: the scenario's)")
+    load = sim.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, help="target arrival rate, requests/s")
+    load.add_argument("--load", type=float, help="target rate as a fraction of the trace's own rate")
+    sim.add_argument("--scaling", choices=["downsample", "time"],
+                     help="reach the rate by keeping evenly spaced requests (the paper's method) or by rescaling time")
+    sim.add_argument("--start", type=float, help="window start, s since the trace's first request")
+    sim.add_argument("--duration", type=float, help="window length, s (gamma: how long to generate)")
+    sim.add_argument("--cv", type=float, help="gamma arrivals: coefficient of variation (default 1.41)")
+    sim.add_argument("--seed", type=int, help="gamma arrivals: random seed (default 0)")
+    sim.add_argument("--policy", action="append", metavar="P",
+                     help="policy to run (repeatable; default: distserve and dualscale)")
+    sim.add_argument("--json", type=Path, metavar="PATH", help="write one summary record per policy here")
+    sim.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots here")
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -121,7 +160,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(data.decode())
     else:
-        fit.write_atomic(args.out, data)
+        write_atomic(args.out, data)
         print(f"wrote {args.out} ({len(data)} bytes)", file=sys.stderr)
     return 0
 
@@ -150,11 +189,71 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if any(r.met is False for r in results) else 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dualscale.sim.run import build_trace, simulate
+    from dualscale.sim.scenario import load_scenario
+
+    scenario = load_scenario(args.config if args.config is not None else args.scenario)
+    changes = {k: v for k, v in (("name", args.trace), ("start_s", args.start), ("duration_s", args.duration),
+                                 ("rate_per_s", args.rate), ("scaling", args.scaling), ("cv", args.cv),
+                                 ("seed", args.seed)) if v is not None}
+    # round-trip through msgspec so command-line values get the same checks as the file's
+    spec = msgspec.convert(msgspec.structs.asdict(scenario.trace) | changes, type(scenario.trace))
+    trace = build_trace(spec)
+    if args.load is not None:
+        if not args.load > 0:
+            raise ValueError(f"--load = {args.load}: must be > 0 (a fraction of the trace's own rate)")
+        trace = build_trace(msgspec.structs.replace(spec, rate_per_s=args.load * trace.rate_per_s))
+    policies = args.policy or ["distserve", "dualscale"]
+    con = Console(width=None if sys.stdout.isatty() else 160)
+    con.print(f"[bold]{scenario.name}[/bold]: {scenario.description}")
+    con.print(f"trace {trace.name}: {len(trace):,} requests over {trace.duration_s:,.0f} s "
+              f"({len(trace) / max(trace.duration_s, 1e-9):.2f} req/s); SLO P{scenario.slo.percentile:g} TTFT <= {scenario.slo.ttft_s} s, "
+              f"TPOT <= {scenario.slo.tpot_s} s")
+    results = simulate(scenario, policies, trace, show_progress=not args.quiet)
+    summaries = [s for _, s in results]
+    base = summaries[0]
+    t = Table(title=f"energy and latency per policy (energy change vs {base.policy})")
+    for col in ("policy", "prefill kJ", "decode kJ", "total kJ", "vs base P / D", "J/tok P / D",
+                "TTFT p50 / p99 s", "TPOT p50 / p99 ms", "attain TTFT / TPOT", "SLO met", "wall s"):
+        t.add_column(col, justify="right")
+    for s in summaries:
+        d_pre = 100 * (s.energy_j.prefill / base.energy_j.prefill - 1)
+        d_dec = 100 * (s.energy_j.decode / base.energy_j.decode - 1)
+        t.add_row(s.policy, f"{s.energy_j.prefill / 1e3:,.0f}", f"{s.energy_j.decode / 1e3:,.0f}",
+                  f"{s.energy_j.total / 1e3:,.0f}", f"{d_pre:+.1f}% / {d_dec:+.1f}%",
+                  f"{s.j_per_token.prefill:.3f} / {s.j_per_token.decode:.3f}",
+                  f"{s.ttft_s.p50:.3f} / {s.ttft_s.p99:.3f}", f"{s.tpot_s.p50 * 1e3:.1f} / {s.tpot_s.p99 * 1e3:.1f}",
+                  f"{s.slo.ttft_attainment:.4f} / {s.slo.tpot_attainment:.4f}",
+                  "yes" if s.slo.met else "[red]NO[/red]", f"{s.sim_wall_s:.1f}")
+    con.print(t)
+    for s in summaries:
+        if s.completed < s.requests or s.kv_blocked:
+            con.print(f"{s.policy}: {s.requests - s.completed} requests not served "
+                      f"({s.rejected} need more KV than a decode instance holds); "
+                      f"{s.kv_blocked} waited for decode KV memory")
+    if args.json is not None:
+        write_atomic(args.json, msgspec.json.format(msgspec.json.encode(summaries)) + b"\n")
+        con.print(f"wrote {args.json}")
+    if args.plots is not None:
+        from dualscale.sim.plots import plot_energy, plot_run
+
+        args.plots.mkdir(parents=True, exist_ok=True)
+        written = [p for run, _ in results for p in plot_run(run, args.plots)]
+        written.append(plot_energy(summaries, args.plots))
+        con.print(f"wrote {len(written)} plots to {args.plots}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {("profile", "show"): _cmd_show, ("profile", "fit"): _cmd_fit, ("profile", "validate"): _cmd_validate}
+    handlers = {("profile", "show"): _cmd_show, ("profile", "fit"): _cmd_fit, ("profile", "validate"): _cmd_validate,
+                ("simulate", None): _cmd_simulate}
     try:
-        return handlers[(args.command, args.action)](args)
+        return handlers[(args.command, getattr(args, "action", None))](args)
     except (DualscaleError, ValueError) as e:
         print(f"dualscale: error: {e}", file=sys.stderr)
         return 2

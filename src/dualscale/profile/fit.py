@@ -48,8 +48,6 @@ digits before they are written.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -428,17 +426,3 @@ def to_toml(cfg: ProfileConfig) -> bytes:
         "# every number comes from. Model: see dualscale/profile/schema.py.\n"
     )
     return header.encode() + tomli_w.dumps(msgspec.to_builtins(cfg)).encode()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-

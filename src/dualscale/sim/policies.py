@@ -1,0 +1,295 @@
+"""Clock policies the simulator compares, behind one interface.
+
+A :class:`Policy` makes one controller per instance (controllers hold state: the QP's warm start,
+a feedback rule's level). Before every iteration the simulator asks the instance's controller for a
+clock, showing it what a real engine would: the waiting queue (prefill) or the running batch
+(decode), and the KV-cache use. The fine-tier controllers plug in unchanged.
+
+``distserve``        every GPU at the top clock, always (the paper's baseline)
+``static:<MHz>``     one fixed clock
+``dualscale``        prefill MPC (:class:`~dualscale.PrefillController`) + decode slack control
+``lowest-feasible``  per iteration, the lowest clock meeting the SLO for the batch about to run,
+                     no horizon (throttLL'eM-style)
+``rules``            feedback rules on observed slack with hysteresis (VoltanaLLM-style, our reading)
+
+An offline ``oracle`` is deferred: a bound that holds for every policy would have to optimise
+batching and clocks jointly over the whole trace (queueing couples every decision), which no
+tractable relaxation we know of bounds tightly; a loose bound (every batch at its cheapest clock,
+SLOs ignored) would mislead more than inform.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+from numpy.typing import NDArray
+
+from dualscale._kernels import mpc
+from dualscale._kernels import perf_model as pm
+from dualscale.control import DecodeController, PrefillController
+from dualscale.profile import Profile
+from dualscale.sim.scenario import Scenario
+
+#: The authors' colocated prototype's 10 candidate clocks on H100 (paper-notes.md), used by ``rules``.
+RULE_CLOCKS_MHZ = (345, 525, 705, 885, 1065, 1260, 1440, 1620, 1800, 1980)
+
+
+class PrefillControl(ABC):
+    """Clock choice of one prefill instance."""
+
+    idle_mhz: int
+
+    @abstractmethod
+    def clock(self, now_s: float, arrival_s: NDArray[np.float64], prompt_tokens: NDArray[np.int64],
+              prefilled_tokens: NDArray[np.int64], kv_util: float) -> int:
+        """Clock (MHz) for the batch about to run from this FCFS queue."""
+
+
+class DecodeControl(ABC):
+    """Clock choice of one decode instance."""
+
+    idle_mhz: int
+
+    @abstractmethod
+    def clock(self, now_s: float, first_token_s: NDArray[np.float64], tokens_out: NDArray[np.int64],
+              context_tokens: NDArray[np.int64], kv_util: float) -> int:
+        """Clock (MHz) for the step about to run for this batch."""
+
+    def observe(self, step_time_s: float) -> None:
+        """Feedback after a step ran (used by ``rules``)."""
+
+
+class Policy(ABC):
+    """Builds the per-instance controls of one policy."""
+
+    name: str
+
+    def __init__(self, profile: Profile, scenario: Scenario) -> None:
+        self.profile = profile
+        self.scenario = scenario
+
+    @abstractmethod
+    def prefill(self, tp: int) -> PrefillControl: ...
+
+    @abstractmethod
+    def decode(self, tp: int) -> DecodeControl: ...
+
+
+# ---- fixed clocks ----------------------------------------------------------------------------
+class _Fixed(PrefillControl, DecodeControl):
+    def __init__(self, freq_mhz: int) -> None:
+        self.idle_mhz = freq_mhz
+        self._f = freq_mhz
+
+    def clock(self, *args: object) -> int:
+        return self._f
+
+
+class Static(Policy):
+    """Every GPU locked at one clock, busy or idle. ``distserve`` is the top clock."""
+
+    def __init__(self, profile: Profile, scenario: Scenario, freq_mhz: int, name: str) -> None:
+        super().__init__(profile, scenario)
+        if freq_mhz not in profile.clocks_mhz:
+            raise ValueError(f"policy {name!r}: {freq_mhz} MHz is not a supported clock of profile "
+                             f"{profile.name!r} ({profile.clocks_mhz[0]}..{profile.clocks_mhz[-1]} MHz in steps of "
+                             f"{profile.config.gpu.clock_step_mhz})")
+        self.freq_mhz = freq_mhz
+        self.name = name
+
+    def prefill(self, tp: int) -> PrefillControl:
+        return _Fixed(self.freq_mhz)
+
+    def decode(self, tp: int) -> DecodeControl:
+        return _Fixed(self.freq_mhz)
+
+
+# ---- dualscale fine tier -----------------------------------------------------------------------
+class _MpcPrefill(PrefillControl):
+    def __init__(self, ctl: PrefillController) -> None:
+        self.ctl = ctl
+        self.idle_mhz = ctl.idle_freq_mhz
+
+    def clock(self, now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util):  # type: ignore[no-untyped-def]
+        return self.ctl.decide(now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util).freq_mhz
+
+
+class _SlackDecode(DecodeControl):
+    def __init__(self, ctl: DecodeController) -> None:
+        self.ctl = ctl
+        self.idle_mhz = ctl.idle_freq_mhz
+
+    def clock(self, now_s, first_token_s, tokens_out, context_tokens, kv_util):  # type: ignore[no-untyped-def]
+        return self.ctl.decide(now_s, first_token_s, tokens_out, context_tokens, kv_util).freq_mhz
+
+
+class DualScale(Policy):
+    """Prefill MPC + decode slack control with the scenario's SLOs and fine-tier settings."""
+
+    name = "dualscale"
+
+    def prefill(self, tp: int) -> PrefillControl:
+        s, c = self.scenario, self.scenario.control
+        return _MpcPrefill(PrefillController(
+            self.profile, tp=tp, ttft_slo_s=s.slo.ttft_s, horizon=c.horizon,
+            max_batch_tokens=s.prefill.max_batch_tokens, margin=c.margin, kv_guard=c.kv_guard,
+            solver=c.prefill_solver))
+
+    def decode(self, tp: int) -> DecodeControl:
+        s, c = self.scenario, self.scenario.control
+        return _SlackDecode(DecodeController(self.profile, tp=tp, tpot_slo_s=s.slo.tpot_s, margin=c.margin,
+                                             kv_guard=c.kv_guard, slack=c.decode_slack))
+
+
+# ---- lowest feasible clock, no horizon (throttLL'eM-style) ----------------------------------------
+class _LowestPrefill(PrefillControl):
+    """Lowest clock at which every request completing in the next batch meets its TTFT target."""
+
+    def __init__(self, profile: Profile, tp: int, scenario: Scenario) -> None:
+        self.clocks = profile.clocks_mhz
+        self.idle_mhz = int(self.clocks[0])
+        self.kv_guard = scenario.control.kv_guard
+        self.max_batch_tokens = scenario.prefill.max_batch_tokens
+        self.coef = profile.coefficients("prefill", tp)
+        self.table = np.ascontiguousarray(profile.clock_table("prefill", tp))
+        self.params = np.array([0.0, scenario.slo.ttft_s, scenario.control.margin])
+        n = self.clocks.size
+        self.bounds = np.zeros(2, dtype=np.int64)
+        self.batch_tokens = np.zeros(1, dtype=np.int64)
+        self.tables = np.zeros((2, 1, n))
+        self.out = np.empty((2, n))
+        self.budget = np.empty(1)
+
+    def clock(self, now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util):  # type: ignore[no-untyped-def]
+        if kv_util >= self.kv_guard:
+            return int(self.clocks[-1])
+        n = arrival_s.shape[0]
+        tokens = np.stack([prompt_tokens, prefilled_tokens])
+        chunk_t = np.empty(n + 1, dtype=np.int64)
+        chunk_p = np.empty(n + 1, dtype=np.int64)
+        done = np.empty(n, dtype=np.int64)
+        mpc.project(tokens, self.max_batch_tokens, 1, chunk_t, chunk_p, self.bounds, done, self.batch_tokens)
+        mpc.tabulate(chunk_t, chunk_p, self.bounds, 1, self.coef, self.table, self.tables, self.out)
+        self.params[mpc.P_NOW_S] = now_s
+        mpc.budgets(arrival_s, done, self.params, self.tables, 1, self.budget)
+        fits = np.flatnonzero(self.tables[mpc.TB_TIME_S, 0] <= self.budget[0] + mpc.TOL_S)
+        return int(self.clocks[fits[0]])
+
+
+class _LowestDecode(DecodeControl):
+    """Lowest clock whose step meets the per-step TPOT target (the paper's decode rule)."""
+
+    def __init__(self, profile: Profile, tp: int, scenario: Scenario) -> None:
+        self.clocks = profile.clocks_mhz
+        self.idle_mhz = int(self.clocks[0])
+        self.kv_guard = scenario.control.kv_guard
+        self.target_s = (1 - scenario.control.margin) * scenario.slo.tpot_s
+        self.coef = profile.coefficients("decode", tp)
+        self.table = np.ascontiguousarray(profile.clock_table("decode", tp))
+        self.out = np.empty((2, self.clocks.size))
+
+    def clock(self, now_s, first_token_s, tokens_out, context_tokens, kv_util):  # type: ignore[no-untyped-def]
+        if kv_util >= self.kv_guard:
+            return int(self.clocks[-1])
+        pm.decode_grid(context_tokens, self.coef, self.table, self.out)
+        fits = np.flatnonzero(self.out[pm.O_TIME_S] <= self.target_s + mpc.TOL_S)
+        return int(self.clocks[fits[0]] if fits.size else self.clocks[-1])
+
+
+class LowestFeasible(Policy):
+    name = "lowest-feasible"
+
+    def prefill(self, tp: int) -> PrefillControl:
+        return _LowestPrefill(self.profile, tp, self.scenario)
+
+    def decode(self, tp: int) -> DecodeControl:
+        return _LowestDecode(self.profile, tp, self.scenario)
+
+
+# ---- feedback rules (VoltanaLLM-style) ---------------------------------------------------------
+class _RulesPrefill(PrefillControl):
+    """Raise the clock two levels when the queue's least TTFT slack falls under half the SLO, lower
+    it one level when it exceeds 80 % of the SLO and the queue fits in one batch."""
+
+    def __init__(self, scenario: Scenario, clocks: tuple[int, ...]) -> None:
+        self.clocks = clocks
+        self.level = len(clocks) - 1
+        self.idle_mhz = clocks[0]
+        self.slo_s = scenario.slo.ttft_s
+        self.kv_guard = scenario.control.kv_guard
+        self.max_batch_tokens = scenario.prefill.max_batch_tokens
+
+    def clock(self, now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util):  # type: ignore[no-untyped-def]
+        top = len(self.clocks) - 1
+        if kv_util >= self.kv_guard:
+            self.level = top
+            return self.clocks[top]
+        slack_s = float(arrival_s[0]) + self.slo_s - now_s  # the head waited longest
+        if slack_s < 0.5 * self.slo_s:
+            self.level = min(top, self.level + 2)
+        elif slack_s > 0.8 * self.slo_s and int((prompt_tokens - prefilled_tokens).sum()) <= self.max_batch_tokens:
+            self.level = max(0, self.level - 1)
+        return self.clocks[self.level]
+
+
+class _RulesDecode(DecodeControl):
+    """Raise the clock one level when the last step took over 90 % of the per-step TPOT target,
+    lower it one level under 60 % (hysteresis band between)."""
+
+    def __init__(self, scenario: Scenario, clocks: tuple[int, ...]) -> None:
+        self.clocks = clocks
+        self.level = len(clocks) - 1
+        self.idle_mhz = clocks[0]
+        self.target_s = (1 - scenario.control.margin) * scenario.slo.tpot_s
+        self.kv_guard = scenario.control.kv_guard
+
+    def clock(self, now_s, first_token_s, tokens_out, context_tokens, kv_util):  # type: ignore[no-untyped-def]
+        if kv_util >= self.kv_guard:
+            self.level = len(self.clocks) - 1
+        return self.clocks[self.level]
+
+    def observe(self, step_time_s: float) -> None:
+        if step_time_s > 0.9 * self.target_s:
+            self.level = min(len(self.clocks) - 1, self.level + 1)
+        elif step_time_s < 0.6 * self.target_s:
+            self.level = max(0, self.level - 1)
+
+
+class Rules(Policy):
+    name = "rules"
+
+    def __init__(self, profile: Profile, scenario: Scenario) -> None:
+        super().__init__(profile, scenario)
+        self.clocks = tuple(f for f in RULE_CLOCKS_MHZ if f in profile.clocks_mhz) or tuple(
+            int(f) for f in profile.clocks_mhz[:: max(1, profile.clocks_mhz.size // 9)])
+
+    def prefill(self, tp: int) -> PrefillControl:
+        return _RulesPrefill(self.scenario, self.clocks)
+
+    def decode(self, tp: int) -> DecodeControl:
+        return _RulesDecode(self.scenario, self.clocks)
+
+
+POLICIES = ("distserve", "static:<MHz>", "dualscale", "lowest-feasible", "rules")
+
+
+def make_policy(spec: str, profile: Profile, scenario: Scenario) -> Policy:
+    """The policy named by ``spec`` (one of :data:`POLICIES`)."""
+    if spec == "distserve":
+        return Static(profile, scenario, int(profile.clocks_mhz[-1]), "distserve")
+    if spec.startswith("static:"):
+        try:
+            f = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"policy {spec!r}: expected static:<MHz> with a whole number of MHz") from None
+        return Static(profile, scenario, f, spec)
+    if spec == "dualscale":
+        return DualScale(profile, scenario)
+    if spec == "lowest-feasible":
+        return LowestFeasible(profile, scenario)
+    if spec == "rules":
+        return Rules(profile, scenario)
+    if spec == "oracle":
+        raise ValueError("policy 'oracle' is deferred: see dualscale.sim.policies for why")
+    raise ValueError(f"policy {spec!r}: must be one of {', '.join(POLICIES)}")
