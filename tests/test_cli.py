@@ -51,3 +51,27 @@ def test_simulate_bad_arguments_exit_2_with_the_reason(capsys):
     assert "policy 'turbo'" in capsys.readouterr().err
     assert main(["simulate", "--trace", "gamma", "--quiet"]) == 2
     assert "trace.rate_per_s" in capsys.readouterr().err
+
+
+def test_evaluate_quick_and_plan(tmp_path, monkeypatch, capsys):
+    import json
+
+    from dualscale.cli import main
+
+    monkeypatch.setenv("DUALSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--quick", "--workers", "1", "--json", str(out), "--plots", str(tmp_path / "p")]) == 0
+    rows = json.loads(out.read_text())
+    assert {r["policy"] for r in rows} == {"distserve", "placeonly", "dualscale"}
+    for r in rows:
+        if r["policy"] == "distserve":
+            assert r["saving_vs_distserve"] == {"prefill": 0.0, "decode": 0.0}
+    assert (tmp_path / "p" / "evaluate.png").is_file()
+    assert "DistServe vs PlaceOnly vs DualScale" in capsys.readouterr().out
+    # plan reuses nothing from evaluate's grid cache here; keep it small through a short window
+    rc = main(["plan", "--trace", "azure-conv", "--gpus", "16", "--window", "40", "--workers", "1", "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert rc == 0 and plan["feasible"] and plan["gpus_used"] <= 16
+    assert {g["phase"] for g in plan["groups"]} == {"prefill", "decode"}
+    assert main(["plan", "--trace", "azure-conv", "--gpus", "2", "--window", "40", "--workers", "1", "--rate", "50"]) == 1
+    assert "cannot serve 50.00 req/s" in capsys.readouterr().err

@@ -116,7 +116,56 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", type=Path, metavar="PATH", help="write one summary record per policy here")
     sim.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots here")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    plan = sub.add_parser(
+        "plan", help="coarse tier: instances, TP and baseline clocks for a load (goodput table + ILP)",
+        description=(
+            "Measure (or load from the cache) the goodput table of every (phase, TP, baseline clock) on a trace,\n"
+            "then solve the placement ILP for the predicted rate: instances per phase with TP and baseline clock,\n"
+            "routing weights, predicted power and energy. The rate defaults to the trace's first window.\n\n"
+            "examples:\n"
+            "  dualscale plan --trace azure-conv --gpus 16\n"
+            "  dualscale plan --trace azure-code --gpus 16 --rate 3.5 --objective paper --json plan.json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _coarse_options(plan)
+    plan.add_argument("--trace", default="azure-conv", help="trace name or file (default: %(default)s)")
+    plan.add_argument("--gpus", type=int, default=16, help="GPU budget (default: %(default)s)")
+    plan.add_argument("--rate", type=float, help="predicted rate, req/s (default: the first window's)")
+    plan.add_argument("--alpha", type=float, default=0.05, help="capacity headroom (default: %(default)s)")
+    plan.add_argument("--window", type=float, default=300.0, help="window, s: goodput is measured on the first one (default: %(default)s)")
+    plan.add_argument("--objective", choices=["load", "paper"], default="load",
+                      help="load: power at the predicted load (ours); paper: every instance at its goodput (default: %(default)s)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    ev = sub.add_parser(
+        "evaluate", help="the paper's comparison: DistServe vs PlaceOnly vs DualScale in the simulator",
+        description=(
+            "Reproduce the paper's comparison on 16 x H100 / Llama-3.3-70B: DistServe (max-goodput placement at\n"
+            "the top clock), PlaceOnly (placement ILP every 5-minute window, baseline clocks) and DualScale (the\n"
+            "same placements plus per-iteration clock control), on Gamma arrivals at 10-85 %% of capacity and on\n"
+            "the Azure conv trace at 67 %% and 85 %% of capacity. Prints a table; --json and --plots write files.\n"
+            "Full scale takes several minutes (the goodput table is cached after the first run); --quick is a\n"
+            "small version for smoke tests.\n\n"
+            "examples:\n"
+            "  dualscale evaluate --quick\n"
+            "  dualscale evaluate --json eval.json --plots eval/"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _coarse_options(ev)
+    ev.add_argument("--quick", action="store_true", help="coarse grid, short windows: a smoke run")
+    ev.add_argument("--json", type=Path, metavar="PATH", help="write the rows as JSON here")
+    ev.add_argument("--plots", type=Path, metavar="DIR", help="write a bar plot of energy per phase here")
     return p
+
+
+def _coarse_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by the coarse-tier commands."""
+    p.add_argument("--scenario", default="paper",
+                   help="scenario giving profile, SLOs and cluster settings (default: %(default)s)")
+    p.add_argument("--workers", type=int, help="processes for the goodput table (default: all CPUs)")
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -248,10 +297,84 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dualscale.placement import GoodputSettings, goodput_table, place
+    from dualscale.placement.evaluate import EvalSettings
+    from dualscale.profile import Profile
+    from dualscale.sim.scenario import load_scenario
+    from dualscale.sim.traces import load_trace, window
+
+    scenario = load_scenario(args.scenario)
+    profile = Profile.load(scenario.profile)
+    first = window(load_trace(args.trace), 0.0, args.window)
+    rate = args.rate if args.rate is not None else len(first) / args.window
+    settings: GoodputSettings = EvalSettings().goodput
+    con = Console(stderr=True)
+    with con.status(f"goodput table on {first.name} ({len(settings.tp_degrees)} TP x {len(settings.clocks_mhz)} clocks x 2 phases)"):
+        table = goodput_table(scenario, first, settings, workers=args.workers)
+    plan = place(table, profile, rate, args.gpus, alpha=args.alpha, objective=args.objective, window_s=args.window)
+    if args.json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(plan)).decode() + "\n")
+    else:
+        t = Table(title=f"placement for {rate:.2f} req/s (+{args.alpha:.0%} headroom) on {args.gpus} GPUs, objective {args.objective}")
+        for col in ("phase", "TP", "baseline MHz", "instances", "goodput req/s each", "routed req/s each", "predicted W"):
+            t.add_column(col, justify="right")
+        for g in plan.groups:
+            t.add_row(g.phase, str(g.tp), str(g.freq_mhz), str(g.instances), f"{g.goodput_per_s:.2f}",
+                      f"{g.rate_per_s:.2f}", f"{g.power_w:,.0f}")
+        Console().print(t)
+        print(f"GPUs used {plan.gpus_used} of {plan.gpus}; predicted power {plan.predicted_power_w:,.0f} W, "
+              f"energy per {args.window:.0f} s window {plan.predicted_energy_j / 1e6:.2f} MJ")
+    if not plan.feasible:
+        print(f"dualscale: warning: {plan.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dualscale.placement.evaluate import QUICK, EvalSettings, evaluate
+    from dualscale.sim.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    settings = QUICK if args.quick else EvalSettings()
+    con = Console(width=None if sys.stdout.isatty() else 160)
+    err = Console(stderr=True)
+    with err.status("evaluating") as status:
+        rows, _, distserve = evaluate(scenario, settings, workers=args.workers, progress=status.update)
+    t = Table(title="DistServe vs PlaceOnly vs DualScale (savings vs DistServe; SLO: P99 TTFT "
+                    f"{scenario.slo.ttft_s} s, TPOT {scenario.slo.tpot_s * 1e3:.0f} ms)")
+    for col in ("workload", "load", "req/s", "policy", "prefill kJ", "decode kJ", "J/tok P / D", "saving P / D",
+                "P99 TTFT s", "P99 TPOT ms", "SLO met", "GPUs"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r.workload, f"{r.load:.0%}", f"{r.rate_per_s:.2f}", r.policy, f"{r.energy_j['prefill'] / 1e3:,.0f}",
+                  f"{r.energy_j['decode'] / 1e3:,.0f}", f"{r.j_per_token['prefill']:.3f} / {r.j_per_token['decode']:.3f}",
+                  f"{r.saving_vs_distserve['prefill']:+.1%} / {r.saving_vs_distserve['decode']:+.1%}",
+                  f"{r.ttft_p99_s:.3f}", f"{r.tpot_p99_s * 1e3:.1f}", "yes" if r.slo_met else "[red]NO[/red]",
+                  f"{r.gpus_mean:.1f}")
+    con.print(t)
+    con.print("DistServe placement: " + ", ".join(f"{g.instances} x {g.phase} TP{g.tp}" for g in distserve.groups))
+    if args.json is not None:
+        write_atomic(args.json, msgspec.json.format(msgspec.json.encode(rows)) + b"\n")
+        con.print(f"wrote {args.json}")
+    if args.plots is not None:
+        from dualscale.sim.plots import plot_evaluation
+
+        args.plots.mkdir(parents=True, exist_ok=True)
+        con.print(f"wrote {plot_evaluation(rows, args.plots)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {("profile", "show"): _cmd_show, ("profile", "fit"): _cmd_fit, ("profile", "validate"): _cmd_validate,
-                ("simulate", None): _cmd_simulate}
+                ("simulate", None): _cmd_simulate, ("plan", None): _cmd_plan, ("evaluate", None): _cmd_evaluate}
     try:
         return handlers[(args.command, getattr(args, "action", None))](args)
     except (DualscaleError, ValueError) as e:

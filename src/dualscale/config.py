@@ -8,6 +8,7 @@ from the top-level ``configs/`` folder.
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,12 @@ from dualscale.errors import ConfigError
 T = TypeVar("T")
 
 _PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def env_path(name: str) -> Path | None:
+    """The one place environment variables are read: ``name`` as a path, or None when unset/empty."""
+    value = os.environ.get(name, "")
+    return Path(value).expanduser() if value else None
 
 
 def builtin_config_dir() -> Path:

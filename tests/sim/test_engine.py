@@ -83,7 +83,7 @@ class _SwitchTo(PrefillControl):
 def test_clock_switch_takes_effect_after_the_delay_mid_batch(profile):
     sc = scenario(cluster={"clock_switch_delay_s": 0.02})
     pol = Static(profile, sc, 1980, "switch")
-    pol.prefill = lambda tp: _SwitchTo(345, 1980)  # type: ignore[method-assign]
+    pol.prefill = lambda tp, base=None: _SwitchTo(345, 1980)  # type: ignore[method-assign]
     res = Simulation(sc, profile, trace([1.0], [2048], [1]), pol).run()
     t_slow, w_slow = profile.prefill(4, [2048], 345.0)
     t_fast, w_fast = profile.prefill(4, [2048], 1980.0)

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -190,6 +191,14 @@ class _Decode(_Instance):
             setattr(self, name, b)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Instances per phase: (TP degree, baseline clock MHz or None, routing weight) each."""
+
+    prefill: list[tuple[int, int | None, float]]
+    decode: list[tuple[int, int | None, float]]
+
+
 @dataclass
 class RunResult:
     """Everything one run produced: per-request times, per-instance energy and timelines."""
@@ -211,9 +220,21 @@ class RunResult:
 
 
 class Simulation:
-    """One run of ``trace`` through the cluster of ``scenario`` under ``policy``."""
+    """One run of ``trace`` through the cluster of ``scenario`` under ``policy``.
 
-    def __init__(self, scenario: Scenario, profile: Profile, trace: Trace, policy: Policy) -> None:
+    ``only="prefill"`` or ``"decode"`` runs one phase alone (the coarse tier's goodput probes):
+    prefill-only requests finish with their first token; decode-only requests reach a decode
+    instance at their arrival time, as if their first token had just been emitted there.
+
+    ``placement`` replaces the scenario's pools with the coarse tier's instances: per phase, one
+    (tp, baseline clock MHz, routing weight) per instance (e.g. ``PlacementPlan.instances``).
+    """
+
+    def __init__(self, scenario: Scenario, profile: Profile, trace: Trace, policy: Policy,
+                 only: Literal["prefill", "decode"] | None = None, placement: Placement | None = None) -> None:
+        if only not in (None, "prefill", "decode"):
+            raise ValueError(f"only = {only!r}: must be None, 'prefill' or 'decode'")
+        self.only = only
         self.scenario = scenario
         self.profile = profile
         self.trace = trace
@@ -222,19 +243,24 @@ class Simulation:
         model = profile.config.model
         self.block = int(model.kv_block_tokens)
         self.transfer_s_per_token = model.kv_bytes_per_token * 8.0 / (c.kv_link_gbps * 1e9)
-        pw = scenario.prefill.weights or [1.0] * scenario.prefill.instances
-        dw = scenario.decode.weights or [1.0] * scenario.decode.instances
-        kv_cap = profile.kv_capacity_tokens(scenario.decode.tp)
+        if placement is None:
+            pw = scenario.prefill.weights or [1.0] * scenario.prefill.instances
+            dw = scenario.decode.weights or [1.0] * scenario.decode.instances
+            placement = Placement(prefill=[(scenario.prefill.tp, None, w) for w in pw],
+                                  decode=[(scenario.decode.tp, None, w) for w in dw])
+        if not placement.prefill or not placement.decode:
+            raise ValueError("placement: needs at least one prefill and one decode instance")
         self.prefill = [
-            _Prefill(policy.prefill(scenario.prefill.tp), index=i, tp=scenario.prefill.tp, profile=profile,
-                     delay_s=c.clock_switch_delay_s, weight=pw[i])
-            for i in range(scenario.prefill.instances)
+            _Prefill(policy.prefill(tp, base), index=i, tp=tp, profile=profile, delay_s=c.clock_switch_delay_s,
+                     weight=w)
+            for i, (tp, base, w) in enumerate(placement.prefill)
         ]
         self.decode = [
-            _Decode(policy.decode(scenario.decode.tp), kv_cap, scenario.decode.max_batch_requests, index=i,
-                    tp=scenario.decode.tp, profile=profile, delay_s=c.clock_switch_delay_s, weight=dw[i])
-            for i in range(scenario.decode.instances)
+            _Decode(policy.decode(tp, base), profile.kv_capacity_tokens(tp), scenario.decode.max_batch_requests,
+                    index=i, tp=tp, profile=profile, delay_s=c.clock_switch_delay_s, weight=w)
+            for i, (tp, base, w) in enumerate(placement.decode)
         ]
+        kv_cap = max(d.kv_capacity_tokens for d in self.decode)
         n = len(trace)
         self.arrival_s = trace.arrival_s
         self.prompt = trace.input_tokens
@@ -249,7 +275,7 @@ class Simulation:
         self.decode_of = np.full(n, -1, dtype=np.int64)
         need = -(-(self.prompt + self.output) // self.block) * self.block
         self.need = need
-        self.rejected = (need > kv_cap) & (self.output > 1)
+        self.rejected = (need > kv_cap) & (self.output > 1) & (only != "prefill")
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = 0
 
@@ -295,18 +321,13 @@ class Simulation:
             if self.prefilled[r] == self.prompt[r]:
                 inst.queue.popleft()
                 self.first_token_s[r] = t
-                if self.output[r] <= 1:
+                if self.output[r] <= 1 or self.only == "prefill":
                     self.finish_s[r] = t
                     self.tokens_out[r] = 1
                 elif self.rejected[r]:
                     pass  # can never fit a decode instance: reported, never finishes
                 else:
-                    d = min(self.decode, key=lambda x: x.routed_tokens / x.weight)
-                    d.routed_tokens += int(self.need[r])
-                    self.decode_of[r] = d.index
-                    ready = t + self.prompt[r] * self.transfer_s_per_token
-                    self.ready_s[r] = ready
-                    self._push(ready, _DECODE_READY, r)
+                    self._route_decode(r, t, t + self.prompt[r] * self.transfer_s_per_token)
         inst.batch = []
         inst.busy = False
         if inst.queue:
@@ -316,6 +337,22 @@ class Simulation:
             inst.request_clock(inst.control.idle_mhz, t)
 
     # ---- decode -------------------------------------------------------------------------------
+    def _route_decode(self, r: int, t: float, ready_s: float) -> None:
+        need = self.need[r]
+        d = min((x for x in self.decode if x.kv_capacity_tokens >= need), key=lambda x: x.routed_tokens / x.weight)
+        d.routed_tokens += int(self.need[r])
+        self.decode_of[r] = d.index
+        self.ready_s[r] = ready_s
+        self._push(ready_s, _DECODE_READY, r)
+
+    def _arrive_decode_only(self, r: int, t: float) -> None:
+        self.first_token_s[r] = t
+        if self.output[r] <= 1:
+            self.finish_s[r] = t
+            self.tokens_out[r] = 1
+        elif not self.rejected[r]:
+            self._route_decode(r, t, t)
+
     def _decode_ready(self, r: int, t: float) -> None:
         d = self.decode[self.decode_of[r]]
         d.waiting.append(r)
@@ -393,10 +430,11 @@ class Simulation:
         events = 0
         t = 0.0
         report_every = max(1, n // 200)
+        arrive = self._arrive_decode_only if self.only == "decode" else self._arrive
         while next_r < n or heap:
             if next_r < n and (not heap or arrivals[next_r] <= heap[0][0]):
                 t = float(arrivals[next_r])
-                self._arrive(next_r, t)
+                arrive(next_r, t)
                 next_r += 1
                 if progress is not None and next_r % report_every == 0:
                     progress(t)

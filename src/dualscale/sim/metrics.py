@@ -95,7 +95,7 @@ def summarize(run: RunResult) -> Summary:
     ttft_q = float(np.percentile(ttft, q)) if ttft.size else float("inf")
     tpot_q = float(np.percentile(tpot, q)) if tpot.size else 0.0
     all_served = bool(done.all())
-    gpus = GpuCount(sc.prefill.tp * sc.prefill.instances, sc.decode.tp * sc.decode.instances)
+    gpus = GpuCount(sum(i.tp for i in run.prefill), sum(i.tp for i in run.decode))
     span = max(run.end_s, 1e-12)
     return Summary(
         policy=run.policy,

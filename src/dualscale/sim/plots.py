@@ -105,3 +105,27 @@ def plot_energy(summaries: Sequence[Summary], out_dir: Path) -> Path:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def plot_evaluation(rows: Sequence[object], out_dir: Path) -> Path:
+    """Energy per phase per policy for each workload and load of ``dualscale evaluate`` (kJ)."""
+    cases = list(dict.fromkeys((r.workload, r.load) for r in rows))  # type: ignore[attr-defined]
+    policies = list(dict.fromkeys(r.policy for r in rows))  # type: ignore[attr-defined]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
+    width = 0.8 / max(1, len(policies))
+    x = np.arange(len(cases))
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        for k, pol in enumerate(policies):
+            vals = [next((r.energy_j[phase] / 1e3 for r in rows  # type: ignore[attr-defined]
+                          if (r.workload, r.load, r.policy) == (*c, pol)), 0.0) for c in cases]  # type: ignore[attr-defined]
+            ax.bar(x + (k - (len(policies) - 1) / 2) * width, vals, width, label=pol)
+        ax.set_xticks(x, [f"{w}\n{load:.0%}" for w, load in cases], fontsize=8)
+        ax.set_ylabel(f"{phase} energy (kJ)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(f"{phase}")
+    axes[0].legend()
+    path = out_dir / "evaluate.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

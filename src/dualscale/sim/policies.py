@@ -11,6 +11,7 @@ clock, showing it what a real engine would: the waiting queue (prefill) or the r
 ``lowest-feasible``  per iteration, the lowest clock meeting the SLO for the batch about to run,
                      no horizon (throttLL'eM-style)
 ``rules``            feedback rules on observed slack with hysteresis (VoltanaLLM-style, our reading)
+``baseline``         each instance locked at its baseline clock from a placement (PlaceOnly)
 
 An offline ``oracle`` is deferred: a bound that holds for every policy would have to optimise
 batching and clocks jointly over the whole trace (queueing couples every decision), which no
@@ -70,10 +71,12 @@ class Policy(ABC):
         self.scenario = scenario
 
     @abstractmethod
-    def prefill(self, tp: int) -> PrefillControl: ...
+    def prefill(self, tp: int, base_mhz: int | None = None) -> PrefillControl:
+        """Control of one prefill instance; ``base_mhz`` is its baseline clock from a placement."""
 
     @abstractmethod
-    def decode(self, tp: int) -> DecodeControl: ...
+    def decode(self, tp: int, base_mhz: int | None = None) -> DecodeControl:
+        """Control of one decode instance; ``base_mhz`` is its baseline clock from a placement."""
 
 
 # ---- fixed clocks ----------------------------------------------------------------------------
@@ -98,10 +101,10 @@ class Static(Policy):
         self.freq_mhz = freq_mhz
         self.name = name
 
-    def prefill(self, tp: int) -> PrefillControl:
+    def prefill(self, tp: int, base_mhz: int | None = None) -> PrefillControl:
         return _Fixed(self.freq_mhz)
 
-    def decode(self, tp: int) -> DecodeControl:
+    def decode(self, tp: int, base_mhz: int | None = None) -> DecodeControl:
         return _Fixed(self.freq_mhz)
 
 
@@ -129,14 +132,14 @@ class DualScale(Policy):
 
     name = "dualscale"
 
-    def prefill(self, tp: int) -> PrefillControl:
+    def prefill(self, tp: int, base_mhz: int | None = None) -> PrefillControl:
         s, c = self.scenario, self.scenario.control
         return _MpcPrefill(PrefillController(
             self.profile, tp=tp, ttft_slo_s=s.slo.ttft_s, horizon=c.horizon,
             max_batch_tokens=s.prefill.max_batch_tokens, margin=c.margin, kv_guard=c.kv_guard,
             solver=c.prefill_solver))
 
-    def decode(self, tp: int) -> DecodeControl:
+    def decode(self, tp: int, base_mhz: int | None = None) -> DecodeControl:
         s, c = self.scenario, self.scenario.control
         return _SlackDecode(DecodeController(self.profile, tp=tp, tpot_slo_s=s.slo.tpot_s, margin=c.margin,
                                              kv_guard=c.kv_guard, slack=c.decode_slack))
@@ -200,10 +203,10 @@ class _LowestDecode(DecodeControl):
 class LowestFeasible(Policy):
     name = "lowest-feasible"
 
-    def prefill(self, tp: int) -> PrefillControl:
+    def prefill(self, tp: int, base_mhz: int | None = None) -> PrefillControl:
         return _LowestPrefill(self.profile, tp, self.scenario)
 
-    def decode(self, tp: int) -> DecodeControl:
+    def decode(self, tp: int, base_mhz: int | None = None) -> DecodeControl:
         return _LowestDecode(self.profile, tp, self.scenario)
 
 
@@ -264,14 +267,27 @@ class Rules(Policy):
         self.clocks = tuple(f for f in RULE_CLOCKS_MHZ if f in profile.clocks_mhz) or tuple(
             int(f) for f in profile.clocks_mhz[:: max(1, profile.clocks_mhz.size // 9)])
 
-    def prefill(self, tp: int) -> PrefillControl:
+    def prefill(self, tp: int, base_mhz: int | None = None) -> PrefillControl:
         return _RulesPrefill(self.scenario, self.clocks)
 
-    def decode(self, tp: int) -> DecodeControl:
+    def decode(self, tp: int, base_mhz: int | None = None) -> DecodeControl:
         return _RulesDecode(self.scenario, self.clocks)
 
 
-POLICIES = ("distserve", "static:<MHz>", "dualscale", "lowest-feasible", "rules")
+class Baseline(Policy):
+    """Every instance locked at its baseline clock from the placement (the paper's PlaceOnly); the
+    top clock for instances without one."""
+
+    name = "baseline"
+
+    def prefill(self, tp: int, base_mhz: int | None = None) -> PrefillControl:
+        return _Fixed(int(base_mhz if base_mhz is not None else self.profile.clocks_mhz[-1]))
+
+    def decode(self, tp: int, base_mhz: int | None = None) -> DecodeControl:
+        return _Fixed(int(base_mhz if base_mhz is not None else self.profile.clocks_mhz[-1]))
+
+
+POLICIES = ("distserve", "static:<MHz>", "baseline", "dualscale", "lowest-feasible", "rules")
 
 
 def make_policy(spec: str, profile: Profile, scenario: Scenario) -> Policy:
@@ -290,6 +306,8 @@ def make_policy(spec: str, profile: Profile, scenario: Scenario) -> Policy:
         return LowestFeasible(profile, scenario)
     if spec == "rules":
         return Rules(profile, scenario)
+    if spec == "baseline":
+        return Baseline(profile, scenario)
     if spec == "oracle":
         raise ValueError("policy 'oracle' is deferred: see dualscale.sim.policies for why")
     raise ValueError(f"policy {spec!r}: must be one of {', '.join(POLICIES)}")
