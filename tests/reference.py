@@ -202,12 +202,13 @@ def round_repair_improve(times, energies, budget_s, fronts, u):
 
 
 # ---- decode slack (dualscale/_kernels/slack.py) ------------------------------------------------
-def decode_choose(now_s, first_token_s, tokens_out, context_tokens, slo_s, margin, request_slack, coef, table):
-    """(clock column or -1, budget_s): least-energy clock whose step fits the budget, lowest on ties."""
+def decode_choose(now_s, first_token_s, tokens_out, context_tokens, slo_s, margin, request_slack, coef, table,
+                  by_power=False):
+    """(clock column or -1, budget_s): least-energy (or least-power) clock whose step fits, lowest on ties."""
     target = (1 - margin) * slo_s
     budget = float(np.min(target * tokens_out - (now_s - first_token_s))) if request_slack else target
     t, w = decode_grid(context_tokens, coef, table)
-    energy = np.where(t <= budget + TOL_S, w * t, np.inf)
+    energy = np.where(t <= budget + TOL_S, w if by_power else w * t, np.inf)
     if not np.isfinite(energy).any():
         return -1, budget
     return int(np.argmin(energy)), budget

@@ -17,50 +17,52 @@ PAPER_CLOCKS = [360, 570, 780, 1080, 1380, 1680, 1830]
 
 @pytest.fixture(scope="module")
 def controllers(profile):
-    return {
+    ctls = {
         (mode, name): dualscale.DecodeController(profile, tp=4, tpot_slo_s=0.1, slack=mode, clocks_mhz=clocks)
         for mode in ("request", "tbt")
         for name, clocks in (("paper", PAPER_CLOCKS), ("full", None))
     }
+    ctls[("power", "full")] = dualscale.DecodeController(profile, tp=4, tpot_slo_s=0.1, objective="power")
+    return ctls
 
 
-@pytest.mark.parametrize("mode", ["request", "tbt"])
-@pytest.mark.parametrize("clocks", ["paper", "full"])
+@pytest.mark.parametrize("case", [("request", "paper"), ("request", "full"), ("tbt", "paper"), ("tbt", "full"),
+                                  ("power", "full")])
 @given(b=decode_batches(), kv=st.sampled_from([0.0, 0.89, 0.9, 1.0]))
-def test_decisions_keep_the_guarantees(controllers, mode, clocks, b, kv):
-    ctl = controllers[(mode, clocks)]
+def test_decisions_keep_the_guarantees(controllers, case, b, kv):
+    ctl = controllers[case]
     d = ctl.decide(b.now_s, b.first_token_s, b.tokens_out, b.context_tokens, kv_util=kv)
     check_decode_decision(ctl, b, d, kv_util=kv)
 
 
 @given(b=decode_batches(max_requests=32), tp=st.sampled_from([2, 4, 8]), slo=st.floats(0.005, 0.3),
-       margin=st.floats(0.0, 0.5), request=st.booleans())
-def test_kernel_matches_twin(profile, b, tp, slo, margin, request):
+       margin=st.floats(0.0, 0.5), request=st.booleans(), by_power=st.booleans())
+def test_kernel_matches_twin(profile, b, tp, slo, margin, request, by_power):
     if b.first_token_s.size == 0:
         return
     coef = profile.coefficients("decode", tp)
     table = np.ascontiguousarray(profile.clock_table("decode", tp))
-    params = np.array([b.now_s, slo, margin, 1.0 if request else 0.0])
+    params = np.array([b.now_s, slo, margin, 1.0 if request else 0.0, 1.0 if by_power else 0.0])
     j, budget = sk.choose(b.first_token_s, b.tokens_out, b.context_tokens, params, coef, table,
                           np.empty((2, table.shape[1])))
     want_j, want_budget = ref.decode_choose(b.now_s, b.first_token_s, b.tokens_out, b.context_tokens,
-                                            slo, margin, request, coef, table)
+                                            slo, margin, request, coef, table, by_power)
     assert j == want_j
     assert budget == pytest.approx(want_budget, rel=1e-12, abs=1e-12)
 
 
 @given(b=decode_batches(max_requests=32), slo=st.floats(0.01, 0.3), shrink=st.floats(0.0, 1.0),
-       later_s=st.floats(0.0, 0.5))
-def test_a_smaller_budget_never_lowers_the_clock(profile, b, slo, shrink, later_s):
+       later_s=st.floats(0.0, 0.5), objective=st.sampled_from(["energy", "power"]))
+def test_a_smaller_budget_never_lowers_the_clock(profile, b, slo, shrink, later_s, objective):
     if b.first_token_s.size == 0:
         return
     # "tbt": the budget is the target itself, so a smaller SLO is a smaller budget
-    big = dualscale.DecodeController(profile, tp=4, tpot_slo_s=slo, slack="tbt")
-    small = dualscale.DecodeController(profile, tp=4, tpot_slo_s=slo * shrink + 1e-4, slack="tbt")
+    big = dualscale.DecodeController(profile, tp=4, tpot_slo_s=slo, slack="tbt", objective=objective)
+    small = dualscale.DecodeController(profile, tp=4, tpot_slo_s=slo * shrink + 1e-4, slack="tbt", objective=objective)
     args = (b.now_s, b.first_token_s, b.tokens_out, b.context_tokens)
     assert small.decide(*args).freq_mhz >= big.decide(*args).freq_mhz
     # "request": time passing only eats slack
-    req = dualscale.DecodeController(profile, tp=4, tpot_slo_s=slo)
+    req = dualscale.DecodeController(profile, tp=4, tpot_slo_s=slo, objective=objective)
     now = req.decide(*args)
     later = req.decide(b.now_s + later_s, *args[1:])
     assert later.budget_s <= now.budget_s
@@ -109,7 +111,8 @@ def test_bad_input_names_the_argument(controllers, call, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [(dict(tp=16), "tp = 16"), (dict(tpot_slo_s=-1.0), "tpot_slo_s"), (dict(slack="slo"), "slack = 'slo'"),
-     (dict(margin=-0.1), "margin"), (dict(clocks_mhz=[2100]), "clocks_mhz contains 2100")],
+     (dict(margin=-0.1), "margin"), (dict(clocks_mhz=[2100]), "clocks_mhz contains 2100"),
+     (dict(objective="speed"), "objective = 'speed'")],
 )
 def test_bad_construction_names_the_argument(profile, kwargs, match):
     with pytest.raises(ValueError, match=match):

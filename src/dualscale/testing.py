@@ -198,7 +198,7 @@ def check_decode_decision(ctl: DecodeController, b: DecodeBatch, d: DecodeDecisi
     if not fits.any() or kv_util >= ctl.kv_guard:
         assert d.freq_mhz == clocks[-1], "top clock expected (nothing fits or KV at the guard)"
         return
-    energy = np.where(fits, w * t, np.inf)
+    energy = np.where(fits, w if getattr(ctl, "objective", "energy") == "power" else w * t, np.inf)
     best = energy.min()
     j = int(np.searchsorted(clocks, d.freq_mhz))
     assert fits[j], f"{d.freq_mhz} MHz takes {t[j]:.6f} s, over the budget {budget:.6f} s"

@@ -17,7 +17,8 @@ D_NOW_S = 0
 D_TPOT_SLO_S = 1
 D_MARGIN = 2
 D_REQUEST_SLACK = 3  # 1.0: per-request TPOT slack; 0.0: the paper's per-step (TBT) target
-N_PARAMS = 4
+D_POWER_OBJECTIVE = 4  # 0.0: least energy per step (tp x power x time); 1.0: least power
+N_PARAMS = 5
 
 #: Same float64 tolerance as the prefill deadlines.
 TOL_S = 1e-9
@@ -64,19 +65,21 @@ def step_budget_s(first_token_s, tokens_out, params):
 
 @njit(cache=CACHE, fastmath=FASTMATH)
 def choose(first_token_s, tokens_out, context_tokens, params, coef, table, out):
-    """(clock column, budget_s): the least-energy clock whose step fits the budget, -1 if none does.
+    """(clock column, budget_s): the least-energy (or least-power) clock whose step fits the
+    budget, -1 if none does.
 
-    Among equal energies the lowest clock wins, which keeps the choice monotone in the budget.
+    Among equal costs the lowest clock wins, which keeps the choice monotone in the budget.
     """
     budget = step_budget_s(first_token_s, tokens_out, params)
     pm.decode_grid(context_tokens, coef, table, out)
     lim = budget + TOL_S
     best = -1
     best_e = np.inf
+    by_power = params[D_POWER_OBJECTIVE] != 0.0
     for j in range(table.shape[1]):
         t = out[pm.O_TIME_S, j]
         if t <= lim:
-            e = out[pm.O_POWER_W, j] * t
+            e = out[pm.O_POWER_W, j] if by_power else out[pm.O_POWER_W, j] * t
             if e < best_e:
                 best_e = e
                 best = j
@@ -89,4 +92,4 @@ def warm_up() -> None:
     table = np.ones((pm.N_TABLE_ROWS, 2))
     check_batch(1.0, np.zeros(1), np.ones(1, dtype=np.int64), np.ones(1, dtype=np.int64))
     choose(np.zeros(1), np.ones(1, dtype=np.int64), np.ones(1, dtype=np.int64),
-           np.array([1.0, 0.1, 0.05, 1.0]), coef, table, np.empty((2, 2)))
+           np.array([1.0, 0.1, 0.05, 1.0, 0.0]), coef, table, np.empty((2, 2)))

@@ -23,6 +23,8 @@ from dualscale.profile import Profile
 
 Slack = Literal["request", "tbt"]
 SLACKS: tuple[Slack, ...] = ("request", "tbt")
+Objective = Literal["energy", "power"]
+OBJECTIVES: tuple[Objective, ...] = ("energy", "power")
 
 
 class DecodeDecision(msgspec.Struct, frozen=True, gc=False):
@@ -56,11 +58,17 @@ class DecodeController:
         idle_freq_mhz: clock returned for an empty batch; ``None`` is the lowest of the set.
         slack: ``"request"`` (each request's accumulated TPOT slack) or ``"tbt"`` (fixed per-step
             target, the paper's proxy).
+        objective: ``"energy"`` (default, DESIGN.md: least tp x power x step time) or ``"power"``
+            (least power, i.e. usually the lowest clock that fits). A decode instance with work
+            runs steps back to back, so over time its energy is its power integrated; a slower
+            step lets the batch grow instead of costing more steps. In the simulator ``"power"``
+            saves more decode energy (see the project notes); the default follows DESIGN.md.
     """
 
     def __init__(self, profile: Profile, tp: int, tpot_slo_s: float, margin: float = 0.05,
                  kv_guard: float = 0.9, clocks_mhz: Sequence[int] | NDArray[np.integer] | None = None,
-                 idle_freq_mhz: int | None = None, slack: Slack = "request") -> None:
+                 idle_freq_mhz: int | None = None, slack: Slack = "request",
+                 objective: Objective = "energy") -> None:
         if not isinstance(profile, Profile):
             raise TypeError(f"profile: expected a dualscale.Profile, got {type(profile).__name__}")
         tp = v.whole("tp", tp, 1)
@@ -68,6 +76,9 @@ class DecodeController:
             raise ValueError(f"tp = {tp}: profile {profile.name!r} covers tp in {profile.tp_degrees}")
         if slack not in SLACKS:
             raise ValueError(f"slack = {slack!r}: must be one of {SLACKS}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective = {objective!r}: must be one of {OBJECTIVES}")
+        self.objective: Objective = objective
         self.profile = profile
         self.tp = tp
         self.tpot_slo_s = v.finite("tpot_slo_s", tpot_slo_s, 0.0, lo_open=True)
@@ -83,6 +94,7 @@ class DecodeController:
         self._params[sk.D_TPOT_SLO_S] = self.tpot_slo_s
         self._params[sk.D_MARGIN] = self.margin
         self._params[sk.D_REQUEST_SLACK] = 1.0 if slack == "request" else 0.0
+        self._params[sk.D_POWER_OBJECTIVE] = 1.0 if objective == "power" else 0.0
         pm.warm_up()
         sk.warm_up()
         self.decide(1.0, [0.5], [3], [100])

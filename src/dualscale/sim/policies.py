@@ -142,7 +142,8 @@ class DualScale(Policy):
     def decode(self, tp: int, base_mhz: int | None = None) -> DecodeControl:
         s, c = self.scenario, self.scenario.control
         return _SlackDecode(DecodeController(self.profile, tp=tp, tpot_slo_s=s.slo.tpot_s, margin=c.margin,
-                                             kv_guard=c.kv_guard, slack=c.decode_slack))
+                                             kv_guard=c.kv_guard, slack=c.decode_slack,
+                                             objective=c.decode_objective))
 
 
 # ---- lowest feasible clock, no horizon (throttLL'eM-style) ----------------------------------------

@@ -92,6 +92,8 @@ class Control(_Frozen):
     kv_guard: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
     prefill_solver: Literal["qp", "exact", "greedy"] = "qp"
     decode_slack: Literal["request", "tbt"] = "request"
+    #: decode clock objective: "energy" per step (DESIGN.md) or "power" (see DecodeController)
+    decode_objective: Literal["energy", "power"] = "energy"
 
 
 class Scenario(_Frozen, kw_only=True):
