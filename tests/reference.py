@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dualscale._kernels import mpc
 from dualscale._kernels import perf_model as pm
 
 
@@ -133,6 +134,8 @@ def qp_fit(times, energies, front, scale):
     """(a, b, umax) of batch energy / scale ~ a u^2 + b u over the efficient clocks, u = t / t_fast."""
     u = times[front] / times[front[0]]
     e = energies[front] / scale
+    if len(front) < 2 or u.max() - 1.0 < mpc.MIN_SPREAD:
+        return 0.0, 0.0, 1.0
     if len(front) >= 3:
         a, b, _ = np.linalg.lstsq(np.vander(u, 3), e, rcond=None)[0]
         if a > 0:

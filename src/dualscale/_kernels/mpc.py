@@ -42,6 +42,9 @@ TB_ENERGY_J = 1
 
 #: Deadlines are compared in float64 with a 1 ns tolerance (DESIGN.md, "Prefill decision").
 TOL_S = 1e-9
+#: A batch whose efficient clocks span less than this relative time is pinned at its fastest in
+#: the QP (the rounding and local search still see every clock).
+MIN_SPREAD = 1e-3
 
 
 #: ``check_queue`` codes; the public wrapper turns them into messages.
@@ -375,43 +378,50 @@ def qp_data(tables, budget_s, n_batches, order, n_front, qp_vec, px, ax):
         if k < n_batches:
             nf = n_front[k]
             t0 = tables[TB_TIME_S, k, order[k, 0]]
-            # moments of (u, e) for the least-squares fit
-            s0 = 0.0
-            s1 = 0.0
-            s2 = 0.0
-            s3 = 0.0
-            s4 = 0.0
-            r0 = 0.0
-            r1 = 0.0
-            r2 = 0.0
-            for q in range(nf):
-                j = order[k, q]
-                u = tables[TB_TIME_S, k, j] / t0 if t0 > 0.0 else 1.0
-                e = tables[TB_ENERGY_J, k, j] / scale
-                s0 += 1.0
-                s1 += u
-                s2 += u * u
-                s3 += u * u * u
-                s4 += u * u * u * u
-                r0 += e
-                r1 += e * u
-                r2 += e * u * u
-                if u > umax:
-                    umax = u
             a = 0.0
-            b = 0.0
-            if nf >= 3:
-                # normal equations of [u^2 u 1] by Cramer's rule
-                det = s4 * (s2 * s0 - s1 * s1) - s3 * (s3 * s0 - s1 * s2) + s2 * (s3 * s1 - s2 * s2)
-                if det != 0.0:
-                    a = (r2 * (s2 * s0 - s1 * s1) - s3 * (r1 * s0 - s1 * r0) + s2 * (r1 * s1 - s2 * r0)) / det
-                    b = (s4 * (r1 * s0 - r0 * s1) - r2 * (s3 * s0 - s1 * s2) + s2 * (s3 * r0 - r1 * s2)) / det
-            if nf >= 2 and (nf < 3 or not a > 0.0):
-                det = s2 * s0 - s1 * s1
-                a = 0.0
-                b = (r1 * s0 - r0 * s1) / det if det != 0.0 else 0.0
-            if nf < 2 or t0 <= 0.0:
-                umax = 1.0
+            if t0 > 0.0:
+                umax = tables[TB_TIME_S, k, order[k, nf - 1]] / t0
+            spread = umax - 1.0
+            if nf < 2 or t0 <= 0.0 or spread < MIN_SPREAD:
+                umax = 1.0  # one clock, or clocks too alike in time to trade: pin at the fastest
+            else:
+                # least squares in z = (u - 1) / spread, in [0, 1], where the normal equations
+                # are well conditioned; then back to u
+                s0 = 0.0
+                s1 = 0.0
+                s2 = 0.0
+                s3 = 0.0
+                s4 = 0.0
+                r0 = 0.0
+                r1 = 0.0
+                r2 = 0.0
+                for q in range(nf):
+                    j = order[k, q]
+                    z = (tables[TB_TIME_S, k, j] / t0 - 1.0) / spread
+                    e = tables[TB_ENERGY_J, k, j] / scale
+                    s0 += 1.0
+                    s1 += z
+                    s2 += z * z
+                    s3 += z * z * z
+                    s4 += z * z * z * z
+                    r0 += e
+                    r1 += e * z
+                    r2 += e * z * z
+                az = 0.0
+                bz = 0.0
+                if nf >= 3:
+                    # normal equations of [z^2 z 1] by Cramer's rule
+                    det = s4 * (s2 * s0 - s1 * s1) - s3 * (s3 * s0 - s1 * s2) + s2 * (s3 * s1 - s2 * s2)
+                    if det != 0.0:
+                        az = (r2 * (s2 * s0 - s1 * s1) - s3 * (r1 * s0 - s1 * r0) + s2 * (r1 * s1 - s2 * r0)) / det
+                        bz = (s4 * (r1 * s0 - r0 * s1) - r2 * (s3 * s0 - s1 * s2) + s2 * (s3 * r0 - r1 * s2)) / det
+                if nf < 3 or not az > 0.0:
+                    det = s2 * s0 - s1 * s1
+                    az = 0.0
+                    bz = (r1 * s0 - r0 * s1) / det if det != 0.0 else 0.0
+                # e = az z^2 + bz z + c with z = (u - 1) / spread
+                a = az / (spread * spread)
+                b = bz / spread - 2.0 * a
         px[k] = 2.0 * a
         qp_vec[0, k] = b
         qp_vec[1, k] = budget_s[k] if k < n_batches else np.inf
