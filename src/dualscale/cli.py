@@ -12,6 +12,7 @@ import numpy as np
 from dualscale._files import write_atomic
 from dualscale._version import __version__
 from dualscale.errors import DualscaleError
+from dualscale.runtime import cli as runtime_cli
 
 DEFAULT_PROFILE = "h100-sxm-llama-3.3-70b"
 DEFAULT_DATA = Path("../shared/data")
@@ -116,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", type=Path, metavar="PATH", help="write one summary record per policy here")
     sim.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots here")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    runtime_cli.add_parsers(sub)
     return p
 
 
@@ -251,7 +253,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {("profile", "show"): _cmd_show, ("profile", "fit"): _cmd_fit, ("profile", "validate"): _cmd_validate,
-                ("simulate", None): _cmd_simulate}
+                ("simulate", None): _cmd_simulate, **runtime_cli.HANDLERS}
     try:
         return handlers[(args.command, getattr(args, "action", None))](args)
     except (DualscaleError, ValueError) as e:

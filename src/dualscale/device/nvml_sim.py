@@ -57,9 +57,9 @@ def build(out_dir: str | Path, source: str | Path | None = None, compiler: str =
 def library_path() -> Path:
     """The simulated library: the packaged build if present, else a cached build of the source."""
     packaged = Path(str(resources.files("dualscale"))) / "_native" / LIBRARY_NAME
-    if packaged.is_file():
-        return packaged
     src = _source()
+    if packaged.is_file() and (src is None or src.stat().st_mtime <= packaged.stat().st_mtime):
+        return packaged
     if src is None:
         raise DeviceError("simulated NVML: neither a packaged library nor the nvml_sim.c source was found")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]

@@ -3,7 +3,8 @@
 Each GPU has a lockable SM clock that is reached ``switch_delay_s`` after it is set (before that the
 GPU keeps its previous clock), a power draw and a 64-bit energy counter. Power is the profile's idle
 power at the clock reached, unless an emulated engine posts the busy power of the iteration it is
-running (:meth:`SimNodeState.set_load_w`). Energy integrates that power over time.
+running and for how long (:meth:`SimNodeState.set_load_w`). Energy integrates that power over time
+(piecewise: split at clock switches and at the end of a posted load).
 
 The state lives in a small file (``state_file``) when several processes share one simulated node:
 the actuator owns the clocks, emulated workers read the clock reached and post their power, and
@@ -34,7 +35,8 @@ STATE_DTYPE = np.dtype([
     ("switch_at_ns", "<i8"),   # CLOCK_MONOTONIC ns
     ("cap_mhz", "<i8"),        # throttle cap (0 = none), for tests
     ("reasons", "<i8"),        # clock-event reasons reported while capped
-    ("load_w", "<f8"),         # busy power posted by an emulated engine (0 = idle)
+    ("load_w", "<f8"),         # busy power posted by an emulated engine ...
+    ("load_until_ns", "<i8"),  # ... drawn until then (CLOCK_MONOTONIC ns), idle power after
     ("energy_j", "<f8"),       # integrated energy (J)
     ("energy_ns", "<i8"),      # time energy_j is integrated up to
     ("writes", "<i8"),         # clock writes (locks and resets) received
@@ -131,11 +133,13 @@ class SimNodeState:
         with self.lock():
             return int(self.rows[gpu]["locked_mhz"])
 
-    def set_load_w(self, gpus: list[int] | tuple[int, ...], power_w: float) -> None:
-        """Post the busy power (W per GPU) of the iteration now running; 0 = idle."""
+    def set_load_w(self, gpus: list[int] | tuple[int, ...], power_w: float, duration_s: float) -> None:
+        """Post the busy power (W per GPU) of the iteration now running, drawn for ``duration_s``."""
+        until = time.monotonic_ns() + int(duration_s * 1e9)
         with self.lock():
             for g in gpus:
                 self.rows[g]["load_w"] = power_w
+                self.rows[g]["load_until_ns"] = until
 
     def set_throttle(self, gpu: int, cap_mhz: int, reasons: int = REASON_SW_POWER_CAP) -> None:
         """Hold GPU ``gpu`` at or below ``cap_mhz`` (0 lifts it), reporting ``reasons`` meanwhile."""
@@ -188,9 +192,8 @@ class SimBackend(ClockBackend):
         return self.state.rows[gpu]
 
     def _power(self, row: np.void, now_ns: int) -> float:
-        load = float(row["load_w"])
-        if load > 0:
-            return load
+        if now_ns < int(row["load_until_ns"]):
+            return float(row["load_w"])
         f = SimNodeState.clock_at(row, now_ns)
         return float(self._idle_w[min(max(0, (f - self._f0) // self._step), self._idle_w.size - 1)])
 
@@ -198,11 +201,13 @@ class SimBackend(ClockBackend):
         t0 = int(row["energy_ns"])
         if now_ns <= t0:
             return
-        sw = int(row["switch_at_ns"])
-        if t0 < sw < now_ns:  # the clock (and idle power) changed in between
-            row["energy_j"] += self._power(row, sw - 1) * (sw - t0) * 1e-9
-            t0 = sw
-        row["energy_j"] += self._power(row, now_ns) * (now_ns - t0) * 1e-9
+        # power is constant between a clock switch and the end of a posted load: split there
+        cuts = sorted(t for t in (int(row["switch_at_ns"]), int(row["load_until_ns"])) if t0 < t < now_ns)
+        energy = 0.0
+        for t1 in (*cuts, now_ns):
+            energy += self._power(row, t1 - 1) * (t1 - t0) * 1e-9
+            t0 = t1
+        row["energy_j"] += energy
         row["energy_ns"] = now_ns
 
     def _switch(self, gpu: int, locked_mhz: int, target_mhz: int) -> None:

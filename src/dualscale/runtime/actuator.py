@@ -27,6 +27,7 @@ from contextlib import ExitStack
 from enum import IntEnum
 from typing import Any, Callable, TypeVar
 
+import msgspec
 import zmq
 
 from dualscale.device.base import ClockBackend
@@ -106,7 +107,9 @@ class Actuator:
         self.gpus = gpus
         self.clocks = {g: backend.supported_sm_clocks_mhz(g) for g in gpus}
         self.locked: dict[int, int] = dict.fromkeys(gpus, 0)
+        #: last failed clock write per GPU ("" after a successful one); read-back failures separately
         self.errors: dict[int, str] = dict.fromkeys(gpus, "")
+        self.read_errors: dict[int, str] = dict.fromkeys(gpus, "")
         self.pending: dict[str, ClockCommand] = {}
         self.applied: dict[str, InstanceClock] = {}
         self.state = ActuatorState.RUNNING
@@ -276,9 +279,10 @@ class Actuator:
 
     def status(self) -> NodeStatus:
         """Read back every managed GPU (in parallel) and build the node's status."""
-        reads = self._parallel(self._read, self.gpus)
-        gpus = [r if r is not None else GpuStatus(g, self.locked[g], 0, 0, 0.0, self._meters[g].energy_j
-                                                  if g in self._meters else 0.0, self.errors[g])
+        reads = self._parallel(self._read, self.gpus, errors=self.read_errors)
+        gpus = [GpuStatus(g, self.locked[g], 0, 0, 0.0, self._meters[g].energy_j if g in self._meters else 0.0,
+                          self.read_errors[g]) if r is None
+                else msgspec.structs.replace(r, error=self.errors[g]) if self.errors[g] else r
                 for g, r in zip(self.gpus, reads)]
         return NodeStatus(self.node, self.epoch, time.monotonic_ns(), gpus,
                           list(self.applied.values()), self.commands, self.writes, self.noop_skips,
@@ -292,20 +296,25 @@ class Actuator:
         return GpuStatus(gpu, self.locked[gpu], sm, reasons, power, energy)
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _parallel(self, fn: Callable[[Any], T], items: list[Any], raise_first: bool = False) -> list[T | None]:
-        """``fn`` over ``items`` on the GPU pool; a DeviceError is recorded against its GPU (and
-        re-raised when ``raise_first``); one item runs inline (no thread hop)."""
+    def _parallel(self, fn: Callable[[Any], T], items: list[Any], raise_first: bool = False,
+                  errors: dict[int, str] | None = None) -> list[T | None]:
+        """``fn`` over ``items`` on the GPU pool; a DeviceError is recorded against its GPU in
+        ``errors`` (default: the write errors) and re-raised when ``raise_first``; a success clears
+        it. One item runs inline (no thread hop)."""
+        record = self.errors if errors is None else errors
+
         def one(item: Any) -> T | None:
             gpu = item[0] if isinstance(item, tuple) else item
             try:
                 out = fn(item)
             except DeviceError as e:
-                self.errors[gpu] = str(e)
-                log.error("actuator %s: %s", self.node, e)
+                if record[gpu] != str(e):
+                    log.error("actuator %s: %s", self.node, e)
+                record[gpu] = str(e)
                 if raise_first:
                     raise
                 return None
-            self.errors[gpu] = ""
+            record[gpu] = ""
             return out
 
         if len(items) <= 1:
