@@ -1,17 +1,9 @@
 from __future__ import annotations
 
-import socket
-
 import msgspec
 import pytest
 
 from dualscale.runtime.config import RuntimeConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_config(tmp_path, **controller) -> RuntimeConfig:
