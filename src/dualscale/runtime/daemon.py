@@ -24,6 +24,7 @@ instances, out-of-order or invalid reports are counted (``dualscale_dropped_mess
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from dualscale.runtime.messages import (ClockCommand, DecodeReport, Heartbeat, M
                                         PlanInstance, PlanUpdate, PrefillReport)
 from dualscale.runtime.metrics import DaemonMetrics, serve_metrics
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
-from dualscale.runtime.transport import make_socket
+from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLIN, make_socket
 
 log = logging.getLogger("dualscale.runtime.daemon")
 
@@ -134,6 +135,7 @@ class ControllerDaemon:
             PlanInstance(s.name, Phase.PREFILL if s.phase == "prefill" else Phase.DECODE, s.tp, s.node, list(s.gpus),
                          s.base_freq_mhz or int(self.profile.clocks_mhz[-1]), s.weight) for s in config.instances])
         self._outbox: list[tuple[_Slot, ClockCommand]] = []
+        self._dirty: list[_Slot] = []  # slots with an undecided report, oldest first
         self._enc = FrameEncoder()
         self._report_dec = FrameDecoder((MsgType.PREFILL_REPORT, MsgType.DECODE_REPORT))
         self._status_dec = FrameDecoder((MsgType.NODE_STATUS,))
@@ -200,6 +202,7 @@ class ControllerDaemon:
             log.info("controller: %d instances on %d node(s); reports at %s, actuators at %s%s",
                      len(self.slots), len(self.nodes), cs.report_address, cs.actuator_address,
                      f", metrics on http://{cs.metrics_host}:{cs.metrics_port}/metrics" if cs.metrics_port else "")
+            gc.freeze()  # the controllers and profile live for the whole run: keep them out of GC passes
             if self.state == DaemonState.STARTING:
                 self.state = DaemonState.RUNNING
             if ready is not None:
@@ -220,7 +223,7 @@ class ControllerDaemon:
 
     def has_work(self) -> bool:
         """True when a report waits for a decision or a command waits to be sent."""
-        return bool(self._outbox) or any(s.pending is not None for s in self.slots.values())
+        return bool(self._outbox) or bool(self._dirty)
 
     def set_plan(self, instances: list[PlanInstance]) -> None:
         """Publish a new placement (from the coarse tier) to the plan subscribers."""
@@ -234,18 +237,15 @@ class ControllerDaemon:
                 return
         reports, actuators = self._reports, self._actuators
         assert reports is not None and actuators is not None  # internal: run() opened them
-        for _ in range(MAX_DRAIN):
-            try:
-                frame = reports.recv(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                break
-            self.handle_report(frame, time.perf_counter_ns())
-        for _ in range(MAX_DRAIN):
-            try:
-                parts = actuators.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                break
-            self.handle_status(parts[-1])
+        # ask the socket whether a frame waits instead of catching zmq.Again (an exception per drain)
+        n = 0
+        while n < MAX_DRAIN and reports.getsockopt(EVENTS) & POLLIN:
+            self.handle_report(reports.recv(copy=True), time.perf_counter_ns())
+            n += 1
+        n = 0
+        while n < MAX_DRAIN and actuators.getsockopt(EVENTS) & POLLIN:
+            self.handle_status(actuators.recv_multipart(copy=True)[-1])
+            n += 1
 
     def _drop(self, reason: str, detail: object) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -272,6 +272,8 @@ class ControllerDaemon:
         slot.epoch, slot.last_seq = r.epoch, r.seq
         if slot.pending is not None:
             self.metrics.superseded.inc()
+        else:
+            self._dirty.append(slot)
         slot.pending = r
         slot.recv_ns = recv_ns
 
@@ -306,10 +308,9 @@ class ControllerDaemon:
             m.power.labels(phase).set(sum(p for k, p in self._gpu_power.items() if self.gpu_phase.get(k) == phase))
 
     def _decide(self) -> None:
-        for slot in self.slots.values():
+        dirty, self._dirty = self._dirty, []
+        for slot in dirty:  # in the order their reports arrived
             r = slot.pending
-            if r is None:
-                continue
             slot.pending = None
             try:
                 freq_mhz, feasible = slot.decide(slot.ctl, r)
@@ -326,7 +327,7 @@ class ControllerDaemon:
         assert sock is not None  # internal: run() opened it
         for slot, cmd in self._outbox:
             try:
-                sock.send_multipart([slot.node_id, self._enc.encode(MsgType.CLOCK_COMMAND, cmd)], zmq.NOBLOCK)
+                sock.send_multipart([slot.node_id, self._enc.encode(MsgType.CLOCK_COMMAND, cmd)], NOBLOCK)
             except (zmq.Again, zmq.ZMQError):  # EHOSTUNREACH: that actuator is not connected
                 self.metrics.unroutable.labels(slot.spec.node).inc()
                 continue

@@ -16,6 +16,8 @@ import zmq
 
 #: High-water mark (messages) of every runtime socket unless a caller asks otherwise.
 DEFAULT_HWM = 1000
+#: Plain-int socket constants for hot paths (pyzmq's enum operators cost microseconds).
+EVENTS, POLLIN, POLLOUT, NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
 
 
 def make_socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, address: str, *, bind: bool,

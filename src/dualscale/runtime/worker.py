@@ -32,7 +32,7 @@ from numpy.typing import ArrayLike
 
 from dualscale.runtime.messages import DecodeReport, MsgType, PrefillReport
 from dualscale.runtime.serial import FrameEncoder
-from dualscale.runtime.transport import make_socket
+from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLOUT, make_socket
 
 log = logging.getLogger("dualscale.runtime.worker")
 
@@ -129,12 +129,15 @@ class WorkerAgent:
             return self._error(e)
 
     def _send(self, mtype: MsgType, msg: PrefillReport | DecodeReport) -> bool:
-        if self._sock is None:
+        sock = self._sock
+        # not writable: no controller connected (IMMEDIATE) or its queue is full; asking is cheaper
+        # than raising zmq.Again
+        if sock is None or not sock.getsockopt(EVENTS) & POLLOUT:
             self.dropped += 1
             return False
         try:
-            self._sock.send(self._enc.encode(mtype, msg), zmq.NOBLOCK, copy=True)
-        except zmq.Again:  # no controller connected, or its queue is full
+            sock.send(self._enc.encode(mtype, msg), NOBLOCK, copy=True)
+        except zmq.Again:  # became full in between
             self.dropped += 1
             return False
         self.sent += 1
