@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ import tomli_w
 import zmq
 
 from dualscale.runtime.messages import MsgType
+from dualscale.runtime.metrics import read_metrics
 from dualscale.runtime.serial import FrameDecoder
 from dualscale.runtime.worker import WorkerAgent
 
@@ -208,13 +208,7 @@ def in_window(recv_ns: np.ndarray, origin_ns: np.ndarray, window: tuple[int, int
 
 
 def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+    return read_metrics("127.0.0.1", port)
 
 
 def main() -> int:

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import tomli_w
 import zmq
 
 from dualscale.device.sim import SimNodeState
+from dualscale.runtime.metrics import read_metrics
 
 DEADMAN_S = 1.0
 INSTANCES = [("p0", "prefill", [0, 1]), ("d0", "decode", [2, 3]), ("p1", "prefill", [4, 5]), ("d1", "decode", [6, 7])]
@@ -46,15 +46,9 @@ def wait_for(what: str, cond: Callable[[], bool], timeout_s: float = 90.0, procs
 def scrape(port: int) -> dict[str, float]:
     """Metric samples keyed 'name{labels}' as exposed (empty dict when the endpoint is down)."""
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return read_metrics("127.0.0.1", port)
     except OSError:
         return {}
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def total(samples: dict[str, float], name: str, **labels: str) -> float:

@@ -13,7 +13,7 @@ from dualscale.runtime.daemon import ControllerDaemon, DaemonState
 from dualscale.runtime.messages import PROTOCOL_VERSION
 from dualscale.runtime.worker import WorkerAgent
 
-__all__ = [
+__all__ = sorted([
     "PROTOCOL_VERSION",
     "Actuator",
     "ActuatorState",
@@ -23,4 +23,4 @@ __all__ = [
     "RuntimeConfig",
     "WorkerAgent",
     "load_runtime_config",
-]
+])

@@ -13,8 +13,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from dualscale.config import builtin_config_dir, check, load_toml
-from dualscale.errors import ConfigError
+from dualscale.config import builtin_names, check, load_named
 from dualscale.sim.scenario import Control, Slo
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -118,16 +117,9 @@ class RuntimeConfig(_Frozen, kw_only=True):
 
 def builtin_runtime_configs() -> list[str]:
     """Names of the runtime configs shipped with dualscale."""
-    return sorted(p.stem for p in (builtin_config_dir() / "runtime").glob("*.toml"))
+    return builtin_names("runtime")
 
 
 def load_runtime_config(name_or_path: str | Path) -> RuntimeConfig:
     """A built-in runtime config by name (e.g. ``"example"``) or a TOML file by path."""
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
-        return load_toml(p, RuntimeConfig)
-    builtin = builtin_config_dir() / "runtime" / f"{name_or_path}.toml"
-    if not builtin.is_file():
-        raise ConfigError(f"runtime config {str(name_or_path)!r}: no such built-in config or file; "
-                          f"built-in: {', '.join(builtin_runtime_configs()) or '(none found)'}")
-    return load_toml(builtin, RuntimeConfig)
+    return load_named(name_or_path, RuntimeConfig, "runtime", "runtime config")

@@ -58,54 +58,53 @@ class Phase(IntEnum):
     DECODE = 1
 
 
-class PrefillReport(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
-    """Worker -> daemon, once per prefill iteration: the FCFS waiting queue as the scheduler sees it.
+class _Report(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
+    """The fields every report starts with (a subclass's fields follow them on the wire).
 
     Attributes:
         instance: instance name (as in the runtime config).
         epoch: the agent's incarnation (wall-clock ns at its start); a larger epoch supersedes.
         seq: 1, 2, ... within an epoch; a report not newer than the last accepted one is dropped.
         sent_ns: sender's CLOCK_MONOTONIC ns at send.
-        now_s: engine clock now (s), the clock of ``arrival_s``.
+        now_s: engine clock now (s), the clock of the report's per-request times.
         kv_util: KV-cache use in [0, 1].
         iteration_s: measured time of the previous iteration (s); 0 when unknown.
         freq_mhz: SM clock in use as the engine sees it (MHz); 0 when unknown.
+    """
+
+    instance: str
+    epoch: int
+    seq: int
+    sent_ns: int
+    now_s: float
+    kv_util: float
+    iteration_s: float
+    freq_mhz: int
+
+
+class PrefillReport(_Report, frozen=True):
+    """Worker -> daemon, once per prefill iteration: the FCFS waiting queue as the scheduler sees it.
+
+    Attributes:
         arrival_s: float64 LE array, arrival time of each waiting request (s), non-decreasing.
         prompt_tokens: int64 LE array, prompt length of each waiting request.
         prefilled_tokens: int64 LE array, tokens of each request already prefilled.
     """
 
-    instance: str
-    epoch: int
-    seq: int
-    sent_ns: int
-    now_s: float
-    kv_util: float
-    iteration_s: float
-    freq_mhz: int
     arrival_s: bytes
     prompt_tokens: bytes
     prefilled_tokens: bytes
 
 
-class DecodeReport(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
+class DecodeReport(_Report, frozen=True):
     """Worker -> daemon, once per decode step: the running batch.
 
     Attributes:
-        instance, epoch, seq, sent_ns, now_s, kv_util, iteration_s, freq_mhz: as in PrefillReport.
         first_token_s: float64 LE array, when each running request emitted its first token (s).
         tokens_out: int64 LE array, output tokens so far per request (first included, >= 1).
         context_tokens: int64 LE array, tokens in each request's KV cache (>= 1).
     """
 
-    instance: str
-    epoch: int
-    seq: int
-    sent_ns: int
-    now_s: float
-    kv_util: float
-    iteration_s: float
-    freq_mhz: int
     first_token_s: bytes
     tokens_out: bytes
     context_tokens: bytes

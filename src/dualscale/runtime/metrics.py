@@ -7,6 +7,7 @@ touches pre-bound children (``labels()`` is looked up once per instance).
 
 from __future__ import annotations
 
+import urllib.request
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -53,3 +54,19 @@ def serve_metrics(metrics: DaemonMetrics, host: str, port: int) -> WSGIServer:
     """Serve ``/metrics`` over HTTP on a daemon thread; ``shutdown()`` the returned server to stop."""
     server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
     return server
+
+
+def read_metrics(host: str, port: int, timeout_s: float = 5.0) -> dict[str, float]:
+    """Every sample of a ``/metrics`` page, keyed as exposed (``name{label="v",...}``).
+
+    Raises:
+        OSError: the endpoint did not answer.
+    """
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out

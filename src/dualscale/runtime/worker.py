@@ -98,14 +98,8 @@ class WorkerAgent:
             iteration_s: measured time of the previous iteration (s), 0 if unknown.
             freq_mhz: SM clock in use (MHz), 0 if unknown.
         """
-        try:
-            self.seq += 1
-            msg = PrefillReport(self.instance, self.epoch, self.seq, time.monotonic_ns(), float(now_s),
-                                float(kv_util), float(iteration_s), int(freq_mhz), _f64(arrival_s),
-                                _i64(prompt_tokens), _i64(prefilled_tokens))
-            return self._send(MsgType.PREFILL_REPORT, msg)
-        except Exception as e:  # never raise into the engine
-            return self._error(e)
+        return self._report(MsgType.PREFILL_REPORT, PrefillReport, now_s, arrival_s, prompt_tokens, prefilled_tokens,
+                            kv_util, iteration_s, freq_mhz)
 
     def report_decode(self, now_s: float, first_token_s: ArrayLike, tokens_out: ArrayLike,
                       context_tokens: ArrayLike, *, kv_util: float = 0.0, iteration_s: float = 0.0,
@@ -119,12 +113,17 @@ class WorkerAgent:
             context_tokens: tokens in each request's KV cache.
             kv_util, iteration_s, freq_mhz: as in :meth:`report_prefill`.
         """
+        return self._report(MsgType.DECODE_REPORT, DecodeReport, now_s, first_token_s, tokens_out, context_tokens,
+                            kv_util, iteration_s, freq_mhz)
+
+    def _report(self, mtype: MsgType, cls: type[PrefillReport] | type[DecodeReport], now_s: float,
+                times_s: ArrayLike, tokens_a: ArrayLike, tokens_b: ArrayLike, kv_util: float, iteration_s: float,
+                freq_mhz: int) -> bool:
         try:
             self.seq += 1
-            msg = DecodeReport(self.instance, self.epoch, self.seq, time.monotonic_ns(), float(now_s),
-                               float(kv_util), float(iteration_s), int(freq_mhz), _f64(first_token_s),
-                               _i64(tokens_out), _i64(context_tokens))
-            return self._send(MsgType.DECODE_REPORT, msg)
+            msg = cls(self.instance, self.epoch, self.seq, time.monotonic_ns(), float(now_s), float(kv_util),
+                      float(iteration_s), int(freq_mhz), _f64(times_s), _i64(tokens_a), _i64(tokens_b))
+            return self._send(mtype, msg)
         except Exception as e:  # never raise into the engine
             return self._error(e)
 
