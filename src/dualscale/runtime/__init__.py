@@ -13,14 +13,14 @@ from dualscale.runtime.daemon import ControllerDaemon, DaemonState
 from dualscale.runtime.messages import PROTOCOL_VERSION
 from dualscale.runtime.worker import WorkerAgent
 
-__all__ = sorted([
-    "PROTOCOL_VERSION",
+__all__ = [
     "Actuator",
     "ActuatorState",
     "ControllerDaemon",
     "DaemonState",
     "EnergyMeter",
+    "PROTOCOL_VERSION",
     "RuntimeConfig",
     "WorkerAgent",
     "load_runtime_config",
-])
+]
