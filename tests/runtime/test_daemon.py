@@ -9,8 +9,17 @@ import pytest
 import zmq
 
 from dualscale.runtime.daemon import ControllerDaemon, DaemonState
-from dualscale.runtime.messages import (PROTOCOL_VERSION, ClockCommand, DecodeReport, GpuStatus, Heartbeat, MsgType,
-                                        NodeStatus, PlanUpdate, PrefillReport)
+from dualscale.runtime.messages import (
+    PROTOCOL_VERSION,
+    ClockCommand,
+    DecodeReport,
+    GpuStatus,
+    Heartbeat,
+    MsgType,
+    NodeStatus,
+    PlanUpdate,
+    PrefillReport,
+)
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
 
 ENC = FrameEncoder()

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import tomli_w
 import zmq
 
@@ -165,3 +164,64 @@ def test_end_to_end_decisions_clocks_energy_deadman_garbage_restart(tmp_path: Pa
             if p.poll() is None:
                 p.kill()
             p.wait(30)
+
+
+def test_nvml_actuator_process_on_the_simulated_nvml(tmp_path: Path, monkeypatch):
+    """The actuator with --backend nvml in its own process, pynvml loading the simulated library through
+    LD_LIBRARY_PATH; this process plays the controller and watches the same simulated node."""
+    from dualscale.device.nvml_sim import STATE_ENV, SimNvml
+    from dualscale.runtime.messages import ClockCommand, Heartbeat, MsgType, NodeStatus
+    from dualscale.runtime.serial import FrameDecoder, FrameEncoder
+
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    node = SimNvml(tmp_path / "nvml.state", gpus=4)
+    address = f"ipc://{tmp_path}/a"
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(address)
+    enc, dec = FrameEncoder(), FrameDecoder((MsgType.NODE_STATUS,))
+    with open(tmp_path / "actuator.log", "w") as log:
+        p = subprocess.Popen([sys.executable, "-m", "dualscale.cli", "actuator", "--backend", "nvml", "--node", "gpu-a",
+                              "--controller", address, "--deadman-s", "30", "--status-period-s", "0.05"],
+                             stdout=log, stderr=subprocess.STDOUT, env=node.env(), cwd=tmp_path)
+    try:
+        def status() -> NodeStatus | None:
+            if router.poll(100):
+                ident, frame = router.recv_multipart()
+                assert ident == b"gpu-a"
+                return dec.decode(frame)[1]
+            return None
+
+        wait_for("the actuator's first status", lambda: status() is not None, procs=[p])
+        cmd = ClockCommand("d0", [0, 1, 2, 3], 1000, 1)
+        router.send_multipart([b"gpu-a", bytes(enc.encode(MsgType.CLOCK_COMMAND, cmd))])
+        wait_for("all four GPUs locked", lambda: [node.locked_mhz(g) for g in range(4)] == [1005] * 4, procs=[p])
+        last: list[NodeStatus] = []
+
+        def throttled_seen() -> bool:
+            router.send_multipart([b"gpu-a", bytes(enc.encode(MsgType.HEARTBEAT, Heartbeat(1, 1)))])
+            st = status()
+            if st is not None:
+                last.append(st)
+            return bool(last) and last[-1].gpus[1].sm_mhz == 900
+
+        node.set_throttle(1, 900, 0x4)  # the clock reached falls below the lock, with a reason
+        wait_for("the read-back of a throttled GPU", throttled_seen, procs=[p])
+        g1 = last[-1].gpus[1]
+        assert (g1.locked_mhz, g1.sm_mhz, g1.reasons) == (1005, 900, 0x4)
+        assert last[-1].gpus[0].energy_j >= 0 and last[-1].instances[0].applied_mhz == 1005
+        writes = node.writes(0)
+        router.send_multipart([b"gpu-a", bytes(enc.encode(MsgType.CLOCK_COMMAND, ClockCommand("d0", [0, 1, 2, 3],
+                                                                                                 1005, 2)))])
+        wait_for("the no-op command counted", lambda: any(
+            s.noop_skips >= 4 for s in [status()] if s is not None), procs=[p])
+        assert node.writes(0) == writes  # nothing written for a clock already locked
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+        assert [node.locked_mhz(g) for g in range(4)] == [0] * 4
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
+        router.close(0)
+        ctx.term()

@@ -22,10 +22,11 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from enum import IntEnum
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import zmq

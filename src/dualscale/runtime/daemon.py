@@ -39,8 +39,17 @@ from dualscale.control import DecodeController, PrefillController
 from dualscale.errors import ProtocolError
 from dualscale.profile import Profile
 from dualscale.runtime.config import InstanceSpec, RuntimeConfig
-from dualscale.runtime.messages import (ClockCommand, DecodeReport, Heartbeat, MsgType, NodeStatus, Phase,
-                                        PlanInstance, PlanUpdate, PrefillReport)
+from dualscale.runtime.messages import (
+    ClockCommand,
+    DecodeReport,
+    Heartbeat,
+    MsgType,
+    NodeStatus,
+    Phase,
+    PlanInstance,
+    PlanUpdate,
+    PrefillReport,
+)
 from dualscale.runtime.metrics import DaemonMetrics, serve_metrics
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
 from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLIN, make_socket
