@@ -72,3 +72,24 @@ def test_bad_construction_is_rejected_up_front(tmp_path):
         WorkerAgent(f"ipc://{tmp_path}/x", "p0", "both")
     with pytest.raises(ValueError, match="instance"):
         WorkerAgent(f"ipc://{tmp_path}/x", "", "decode")
+
+
+def test_bad_or_busy_addresses_are_config_errors(tmp_path):
+    from dualscale.errors import ConfigError
+    from dualscale.runtime.transport import make_socket
+
+    ctx = zmq.Context()
+    try:
+        with pytest.raises(ConfigError, match="cannot connect"):
+            make_socket(ctx, zmq.PUSH, "nonsense://x", bind=False)
+        s = make_socket(ctx, zmq.PULL, f"ipc://{tmp_path}/busy", bind=True)
+        t = make_socket(ctx, zmq.PULL, "tcp://127.0.0.1:0", bind=True)
+        port = t.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
+        with pytest.raises(ConfigError, match="another daemon"):
+            make_socket(ctx, zmq.PULL, f"tcp://127.0.0.1:{port}", bind=True)
+        with pytest.raises(ValueError, match="hwm"):
+            make_socket(ctx, zmq.PULL, f"ipc://{tmp_path}/x", bind=True, hwm=0)
+        s.close(0)
+        t.close(0)
+    finally:
+        ctx.term()

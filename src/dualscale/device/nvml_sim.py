@@ -31,10 +31,14 @@ STATE_ENV = "DUALSCALE_NVML_SIM_STATE"
 CFLAGS = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden", f"-Wl,-soname,{LIBRARY_NAME}")
 
 
+def _checkout_source() -> Path | None:
+    p = Path(__file__).resolve().parents[3] / "native" / "nvml_sim.c"
+    return p if p.is_file() else None
+
+
 def _source() -> Path | None:
     packaged = Path(str(resources.files("dualscale"))) / "_native" / "nvml_sim.c"
-    checkout = Path(__file__).resolve().parents[3] / "native" / "nvml_sim.c"
-    return next((p for p in (checkout, packaged) if p.is_file()), None)
+    return _checkout_source() or (packaged if packaged.is_file() else None)
 
 
 def build(out_dir: str | Path, source: str | Path | None = None, compiler: str = "cc") -> Path:
@@ -57,9 +61,10 @@ def build(out_dir: str | Path, source: str | Path | None = None, compiler: str =
 def library_path() -> Path:
     """The simulated library: the packaged build if present, else a cached build of the source."""
     packaged = Path(str(resources.files("dualscale"))) / "_native" / LIBRARY_NAME
-    src = _source()
-    if packaged.is_file() and (src is None or src.stat().st_mtime <= packaged.stat().st_mtime):
+    checkout = _checkout_source()  # an edited checkout source outdates an editable install's build
+    if packaged.is_file() and (checkout is None or checkout.stat().st_mtime <= packaged.stat().st_mtime):
         return packaged
+    src = _source()
     if src is None:
         raise DeviceError("simulated NVML: neither a packaged library nor the nvml_sim.c source was found")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import zmq
 
+from dualscale.errors import ConfigError
+
 #: High-water mark (messages) of every runtime socket unless a caller asks otherwise.
 DEFAULT_HWM = 1000
 #: Plain-int socket constants for hot paths (pyzmq's enum operators cost microseconds).
@@ -35,6 +37,9 @@ def make_socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, address: str, *,
         immediate: queue only on completed connections (connecting senders).
         router_mandatory: a ROUTER raises on an unknown peer instead of silently dropping.
         subscribe: SUB prefix to subscribe to (``b""`` for everything).
+
+    Raises:
+        ConfigError: the address is malformed or cannot be bound (e.g. already in use).
     """
     if hwm < 1:
         raise ValueError(f"hwm = {hwm}: must be >= 1 (bounded queues; 0 would mean unbounded)")
@@ -59,6 +64,10 @@ def make_socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, address: str, *,
             sock.bind(address)
         else:
             sock.connect(address)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        hint = " (is another daemon running there?)" if e.errno == zmq.EADDRINUSE else ""
+        raise ConfigError(f"{address}: cannot {'bind' if bind else 'connect'}: {e}{hint}") from e
     except BaseException:
         sock.close(linger=0)
         raise
