@@ -158,17 +158,32 @@ def test_permission_denied_at_start_propagates(profile, config):
         Actuator(b, config.actuator).start()
 
 
+def wait_until(cond, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_run_resets_clocks_on_stop_and_on_error(backend, config):
+    import zmq
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)  # the controller's end
+    router.bind(config.actuator.controller_address)
     a = Actuator(backend, config.actuator)
     t = threading.Thread(target=a.run)
     t.start()
-    while a._sock is None:
-        time.sleep(0.01)
-    a.handle(cmd("d0", [0, 1, 2, 3], 1380))  # as if received (the loop thread applies it)
-    while backend.state.locked_mhz(0) != 1380:
-        time.sleep(0.01)
-    a.stop()
-    t.join(30)
+    try:
+        assert router.poll(60_000)  # the actuator's first status: it is connected
+        assert router.recv_multipart()[0] == b"node0"
+        router.send_multipart([b"node0", cmd("d0", [0, 1, 2, 3], 1380)])
+        wait_until(lambda: backend.state.locked_mhz(0) == 1380)
+    finally:
+        a.stop()
+        t.join(60)
+        router.close(0)
+        ctx.term()
     assert a.state is ActuatorState.STOPPED
     assert [backend.state.locked_mhz(g) for g in range(4)] == [0] * 4
 
