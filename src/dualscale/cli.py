@@ -12,6 +12,7 @@ import numpy as np
 from dualscale._files import write_atomic
 from dualscale._version import __version__
 from dualscale.errors import DualscaleError
+from dualscale.runtime import cli as runtime_cli
 
 DEFAULT_PROFILE = "h100-sxm-llama-3.3-70b"
 DEFAULT_DATA = Path("../shared/data")
@@ -158,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--quick", action="store_true", help="coarse grid, short windows: a smoke run")
     ev.add_argument("--json", type=Path, metavar="PATH", help="write the rows as JSON here")
     ev.add_argument("--plots", type=Path, metavar="DIR", help="write a bar plot of energy per phase here")
+    runtime_cli.add_parsers(sub)
     return p
 
 
@@ -374,7 +376,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {("profile", "show"): _cmd_show, ("profile", "fit"): _cmd_fit, ("profile", "validate"): _cmd_validate,
-                ("simulate", None): _cmd_simulate, ("plan", None): _cmd_plan, ("evaluate", None): _cmd_evaluate}
+                ("simulate", None): _cmd_simulate, ("plan", None): _cmd_plan, ("evaluate", None): _cmd_evaluate,
+                **runtime_cli.HANDLERS}
     try:
         return handlers[(args.command, getattr(args, "action", None))](args)
     except (DualscaleError, ValueError) as e:

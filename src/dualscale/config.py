@@ -83,3 +83,21 @@ def check(cond: bool, field: str, value: object, allowed: str) -> None:
     """Raise ValueError for a cross-field rule; msgspec turns it into a ValidationError on decode."""
     if not cond:
         raise ValueError(f"field `{field}` = {value!r}: {allowed}")
+
+
+def builtin_names(kind: str) -> list[str]:
+    """Names of the built-in configs of one kind (a folder of ``configs/``, e.g. ``"scenarios"``)."""
+    return sorted(p.stem for p in (builtin_config_dir() / kind).glob("*.toml"))
+
+
+def load_named(name_or_path: str | Path, type_: type[T], kind: str, what: str) -> T:
+    """A built-in config of ``kind`` by name, or a TOML file by path, decoded into ``type_``;
+    an unknown name is a ConfigError listing the built-in ``what``s."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        return load_toml(p, type_)
+    builtin = builtin_config_dir() / kind / f"{name_or_path}.toml"
+    if not builtin.is_file():
+        raise ConfigError(f"{what} {str(name_or_path)!r}: no such built-in {what} or file; "
+                          f"built-in {what}s: {', '.join(builtin_names(kind)) or '(none found)'}")
+    return load_toml(builtin, type_)

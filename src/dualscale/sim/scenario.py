@@ -11,8 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from dualscale.config import builtin_config_dir, check, load_toml
-from dualscale.errors import ConfigError
+from dualscale.config import builtin_names, check, load_named
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
@@ -116,16 +115,9 @@ class Scenario(_Frozen, kw_only=True):
 
 def builtin_scenarios() -> list[str]:
     """Names of the scenarios shipped with dualscale."""
-    return sorted(p.stem for p in (builtin_config_dir() / "scenarios").glob("*.toml"))
+    return builtin_names("scenarios")
 
 
 def load_scenario(name_or_path: str | Path) -> Scenario:
     """A built-in scenario by name (e.g. ``"default"``) or a scenario TOML file by path."""
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
-        return load_toml(p, Scenario)
-    builtin = builtin_config_dir() / "scenarios" / f"{name_or_path}.toml"
-    if not builtin.is_file():
-        raise ConfigError(f"scenario {str(name_or_path)!r}: no such built-in scenario or file; "
-                          f"built-in scenarios: {', '.join(builtin_scenarios()) or '(none found)'}")
-    return load_toml(builtin, Scenario)
+    return load_named(name_or_path, Scenario, "scenarios", "scenario")

@@ -1,0 +1,306 @@
+"""Runtime benchmark: report-to-command latency through the controller daemon, and sustained decisions/s.
+
+The daemon (``dualscale serve``) runs as its own process over ipc:// sockets. This process plays
+the rest of the system: 64 instances' worker agents (real ``WorkerAgent`` objects: half prefill
+instances with a waiting queue of 4-16 requests, half decode instances with 32-256 running requests,
+states drawn once per instance from a seeded generator and cycled). A third process plays the
+node's actuator (a DEALER that timestamps each command on arrival and applies nothing, so what is
+timed is the daemon's path).
+
+Latency = actuator receive time - the report's send time (both CLOCK_MONOTONIC on this host), so it
+covers: encode + ZeroMQ to the daemon + decode + decision + encode + ZeroMQ to the actuator.
+
+1. unloaded: one report every 2 ms (one in flight), cycling over the instances;
+2. sustained: every instance reports at 50 Hz (64 x 50 = 3,200 reports/s) for ``--duration-s``;
+   decisions/s = commands received / duration, plus the latency under that load;
+3. (``--ramp``) the same at 2x and 4x the rate, to show the headroom.
+
+Also: the cost of one ``WorkerAgent.report_*`` call to the engine (p50/p99, connected).
+
+Targets (issue 6): p99 <= 1 ms; 3,200 decisions/s sustained on a 2-core machine.
+
+    python bench/runtime.py [--json out.json] [--duration-s 10] [--ramp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+import zmq
+
+from dualscale.runtime.messages import MsgType
+from dualscale.runtime.metrics import read_metrics
+from dualscale.runtime.serial import FrameDecoder
+from dualscale.runtime.worker import WorkerAgent
+
+N_INSTANCES = 64
+RATE_HZ = 50.0
+
+
+def config(tmp: Path, port: int) -> dict:
+    instances, gpu = [], 0
+    for i in range(N_INSTANCES):
+        prefill = i % 2 == 0
+        tp = 2 if prefill else 4
+        instances.append({"name": f"{'p' if prefill else 'd'}{i}", "phase": "prefill" if prefill else "decode",
+                          "tp": tp, "node": "bench", "gpus": list(range(gpu, gpu + tp))})
+        gpu += tp
+    return {"format": 1, "instances": instances,
+            "controller": {"report_address": f"ipc://{tmp}/r", "actuator_address": f"ipc://{tmp}/a",
+                           "metrics_port": port, "heartbeat_s": 0.25, "hwm": 10000}}
+
+
+def states(rng: np.random.Generator, prefill: bool, now_s: float, count: int = 32) -> list[tuple]:
+    out = []
+    for _ in range(count):
+        if prefill:
+            n = int(rng.integers(4, 17))
+            arrival = np.sort(now_s - rng.uniform(0.0, 0.4, n))
+            prompt = np.clip(rng.lognormal(6.5, 1.0, n), 16, 8000).astype(np.int64)
+            done = np.zeros(n, dtype=np.int64)
+            done[0] = prompt[0] // 2
+            out.append((arrival, prompt, done))
+        else:
+            n = int(rng.integers(32, 257))
+            tokens = rng.integers(1, 400, n)
+            first = now_s - tokens * rng.uniform(0.015, 0.03, n)
+            ctx = rng.integers(200, 4000, n) + tokens
+            out.append((first, tokens, ctx))
+    return out
+
+
+def actuator_stub(address: str, stop: Any, out: Any) -> None:
+    """The node's actuator, as far as timing goes: receive commands, note (receive ns, origin ns)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, b"bench")
+    sock.setsockopt(zmq.RCVHWM, 1_000_000)
+    sock.connect(address)
+    dec = FrameDecoder((MsgType.CLOCK_COMMAND, MsgType.HEARTBEAT))
+    recv_ns: list[int] = []
+    origin_ns: list[int] = []
+    while not stop.is_set():
+        if not sock.poll(100):
+            continue
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frame = sock.recv()
+            t = time.monotonic_ns()
+            mtype, msg = dec.decode(frame)
+            if mtype is MsgType.CLOCK_COMMAND:
+                recv_ns.append(t)
+                origin_ns.append(msg.origin_ns)
+    out.send((np.array(recv_ns, dtype=np.int64), np.array(origin_ns, dtype=np.int64)))
+    sock.close(0)
+    ctx.term()
+
+
+class Rig:
+    """The load generator (worker agents) around a daemon process; the actuator stub is a process too."""
+
+    def __init__(self, tmp: Path, port: int) -> None:
+        self.ctx = zmq.Context(io_threads=1)
+        cfg = config(tmp, port)
+        mp = multiprocessing.get_context("spawn")
+        self.stop = mp.Event()
+        self.results, child = mp.Pipe(duplex=False)
+        self.stub = mp.Process(target=actuator_stub, args=(cfg["controller"]["actuator_address"], self.stop, child))
+        self.stub.start()
+        self.names = [i["name"] for i in cfg["instances"]]
+        addr = cfg["controller"]["report_address"]
+        self.agents = [WorkerAgent(addr, n, "prefill" if n[0] == "p" else "decode", hwm=1000, ctx=self.ctx)
+                       for n in self.names]
+        rng = np.random.default_rng(20261123)
+        self.states = [states(rng, n[0] == "p", 1000.0) for n in self.names]
+        self.k = [0] * len(self.names)
+
+    def report(self, i: int) -> bool:
+        a, st = self.agents[i], self.states[i]
+        x, y, z = st[self.k[i] % len(st)]
+        self.k[i] += 1
+        if a.phase == "prefill":
+            return a.report_prefill(1000.0, x, y, z, kv_util=0.3)
+        return a.report_decode(1000.0, x, y, z, kv_util=0.3)
+
+    def commands(self) -> tuple[np.ndarray, np.ndarray]:
+        """Stop the stub; (receive ns, origin ns) of every command it got."""
+        self.stop.set()
+        got = self.results.recv()
+        self.stub.join(30)
+        return got
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.stub.is_alive():
+            self.stub.join(30)
+        for a in self.agents:
+            a.close()
+        self.ctx.term()
+
+
+def pct(a: list[float]) -> dict[str, float]:
+    x = np.asarray(a) * 1e6
+    return {"p50_us": float(np.median(x)), "p99_us": float(np.percentile(x, 99)),
+            "p999_us": float(np.percentile(x, 99.9)), "max_us": float(x.max()), "n": int(x.size)}
+
+
+def unloaded(rig: Rig, count: int) -> tuple[int, int]:
+    """One report every 2 ms (one in flight), cycling over the instances; returns its time window."""
+    t0 = time.monotonic_ns()
+    for j in range(count):
+        rig.report(j % N_INSTANCES)
+        time.sleep(0.002)
+    return t0, time.monotonic_ns()
+
+
+def sustained(rig: Rig, rate_hz: float, duration_s: float) -> dict:
+    """Every instance reports at ``rate_hz``, evenly staggered, for ``duration_s``."""
+    period = 1.0 / rate_hz
+    t0 = time.monotonic() + 0.05
+    t0_ns = time.monotonic_ns() + 50_000_000
+    n_sent = n_dropped = 0
+    k = 0  # reports scheduled so far: instance k % N at t0 + (k / N) * period
+    total = int(duration_s * rate_hz) * N_INSTANCES
+    while k < total:
+        due = t0 + (k / N_INSTANCES) * period
+        now = time.monotonic()
+        if now < due:
+            time.sleep(due - now)
+            continue
+        while k < total and t0 + (k / N_INSTANCES) * period <= now:
+            if rig.report(k % N_INSTANCES):
+                n_sent += 1
+            else:
+                n_dropped += 1
+            k += 1
+    wall = time.monotonic() - t0
+    return {"rate_per_instance_hz": rate_hz, "offered_per_s": total / wall, "sent": n_sent,
+            "dropped_at_worker": n_dropped, "window_ns": (t0_ns, time.monotonic_ns()), "wall_s": wall}
+
+
+def agent_cost(rig: Rig, count: int) -> dict[str, dict[str, dict[str, float]]]:
+    """What one report costs the engine's thread (encode + enqueue): back to back, as from a busy
+    scheduler thread, and one every 0.5 ms with the thread asleep in between (on this VM a thread
+    waking from sleep runs everything several times slower for a while: caches, idle states)."""
+    out = {}
+    for label, gap_s in (("back_to_back", 0.0), ("every_0.5ms", 0.0005)):
+        samples: dict[str, list[float]] = {"prefill": [], "decode": []}
+        for j in range(count):
+            i = j % N_INSTANCES
+            if gap_s:
+                time.sleep(gap_s)
+            elif j % 16 == 0:
+                time.sleep(0.005)  # let the daemon drain: reports beyond the HWM would be dropped (cheaper)
+            t = time.perf_counter_ns()
+            rig.report(i)
+            samples[rig.agents[i].phase].append((time.perf_counter_ns() - t) * 1e-9)
+        out[label] = {k: pct(v) for k, v in samples.items()}
+    return out
+
+
+def in_window(recv_ns: np.ndarray, origin_ns: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+    """Latencies (s) of the commands whose report was sent within ``window``."""
+    sel = (origin_ns >= window[0]) & (origin_ns <= window[1])
+    return (recv_ns[sel] - origin_ns[sel]) * 1e-9
+
+
+def scrape(port: int) -> dict[str, float]:
+    return read_metrics("127.0.0.1", port)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--duration-s", type=float, default=10.0, help="length of each sustained run (default 10)")
+    p.add_argument("--unloaded", type=int, default=2000, help="reports in the unloaded latency run (one per 2 ms)")
+    p.add_argument("--ramp", action="store_true", help="also run at 2x and 4x the rate")
+    args = p.parse_args()
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="ds-bench-") as tmp:
+        cfg_path = Path(tmp) / "bench.toml"
+        cfg_path.write_bytes(tomli_w.dumps(config(Path(tmp), port)).encode())
+        t_start = time.monotonic()
+        daemon = subprocess.Popen([sys.executable, "-m", "dualscale.cli", "serve", "--config", str(cfg_path),
+                                   "--log-level", "warning"])
+        rig = Rig(Path(tmp), port)
+        try:
+            while True:  # up once its metrics answer (controllers built, sockets bound)
+                if daemon.poll() is not None:
+                    raise SystemExit(f"daemon exited with {daemon.returncode}")
+                try:
+                    scrape(port)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            startup_s = time.monotonic() - t_start
+            print(f"daemon up with {N_INSTANCES} instances after {startup_s:.1f} s", file=sys.stderr)
+            for i in range(N_INSTANCES):  # warm up: one report per instance
+                rig.report(i)
+            time.sleep(1.0)
+            res: dict = {"meta": {"instances": N_INSTANCES, "cpus": os.cpu_count(), "python": platform.python_version(),
+                                  "machine": platform.machine(), "daemon_startup_s": startup_s,
+                                  "load_average_1min_before": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
+                                  "command": " ".join(["python", *sys.argv])}}
+            win_unloaded = unloaded(rig, args.unloaded)
+            rates = [RATE_HZ, 2 * RATE_HZ, 4 * RATE_HZ] if args.ramp else [RATE_HZ]
+            runs = []
+            for r in rates:
+                runs.append(sustained(rig, r, args.duration_s))
+                time.sleep(0.5)
+            res["agent_report_cost"] = agent_cost(rig, 3200)
+            res["meta"]["load_average_1min_after"] = os.getloadavg()[0]
+            m = scrape(port)
+            time.sleep(0.5)
+            recv_ns, origin_ns = rig.commands()
+            res["unloaded"] = pct(in_window(recv_ns, origin_ns, win_unloaded))
+            res["sustained"] = []
+            for run in runs:
+                lat = in_window(recv_ns, origin_ns, run["window_ns"])
+                res["sustained"].append(run | {"commands": int(lat.size), "decisions_per_s": lat.size / run["wall_s"],
+                                               "answered_share": lat.size / max(1, run["sent"]), "latency": pct(lat)})
+            res["daemon"] = {k.split("{")[0]: v for k, v in m.items() if k.startswith((
+                "dualscale_superseded_reports_total", "dualscale_unroutable_commands_total"))}
+            res["daemon"]["dropped"] = sum(v for k, v in m.items() if k.startswith("dualscale_dropped_messages_total"))
+        finally:
+            rig.close()
+            daemon.terminate()
+            daemon.wait(30)
+
+    u = res["unloaded"]
+    print(f"report-to-command latency, unloaded ({u['n']} reports): p50 {u['p50_us']:.0f} us, "
+          f"p99 {u['p99_us']:.0f} us, p99.9 {u['p999_us']:.0f} us")
+    for s in res["sustained"]:
+        lat = s["latency"]
+        print(f"sustained {N_INSTANCES} x {s['rate_per_instance_hz']:.0f} Hz (offered {s['offered_per_s']:,.0f}/s): "
+              f"{s['decisions_per_s']:,.0f} decisions/s, {100 * s['answered_share']:.2f} % of reports answered, "
+              f"{s['dropped_at_worker']} dropped at the workers; latency p50 {lat['p50_us']:.0f} us, "
+              f"p99 {lat['p99_us']:.0f} us, p99.9 {lat['p999_us']:.0f} us")
+    for label, costs in res["agent_report_cost"].items():
+        for ph, c in costs.items():
+            print(f"WorkerAgent.report_{ph} cost to the engine ({label}): p50 {c['p50_us']:.1f} us, "
+                  f"p99 {c['p99_us']:.1f} us")
+    print(f"daemon: {res['daemon']}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

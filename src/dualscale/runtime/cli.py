@@ -1,0 +1,115 @@
+"""``dualscale serve`` and ``dualscale actuator``: argparse wiring and handlers of the runtime roles."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the ``serve`` and ``actuator`` subcommands to the ``dualscale`` subparsers ``sub``."""
+    serve = sub.add_parser(
+        "serve", help="run the controller daemon: worker reports in, clock commands out",
+        description=(
+            "Run the fine-tier controllers for every instance of a runtime config: receive the workers'\n"
+            "per-iteration reports (ZeroMQ PULL), decide each instance's next SM clock, send it to the\n"
+            "node's actuator (ROUTER), heartbeat the actuators, publish the placement, export Prometheus\n"
+            "metrics. Runs unprivileged. Stops on SIGTERM/SIGINT.\n\n"
+            "example: dualscale serve --config configs/runtime/example.toml --metrics-port 9400"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--config", default="example", help="runtime config name or TOML path (default: %(default)s)")
+    serve.add_argument("--metrics-port", type=int, help="serve /metrics on this port (0 = off; default: the config's)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+    act = sub.add_parser(
+        "actuator", help="run a node's clock actuator (the only privileged role)",
+        description=(
+            "Apply the controller's clock commands to the GPUs of this node: lock SM clocks (all GPUs of an\n"
+            "instance in parallel), skip no-op writes, round up to supported clocks, read back the clock\n"
+            "reached, throttle reasons, power and energy, and report them. Resets every managed GPU at start,\n"
+            "on exit and on SIGTERM/SIGINT, and when the controller is silent for --deadman-s.\n"
+            "--backend nvml needs root (CAP_SYS_ADMIN); --backend sim simulates the node.\n\n"
+            "examples:\n"
+            "  sudo dualscale actuator --config deploy.toml --backend nvml --node gpu-node-3\n"
+            "  dualscale actuator --config example --backend sim --state-file /tmp/node0.state"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    act.add_argument("--config", default="example", help="runtime config name or TOML path (default: %(default)s)")
+    act.add_argument("--backend", choices=("nvml", "sim"), help="GPU backend (default: the config's)")
+    act.add_argument("--node", help="this node's name, as the config's instances name it")
+    act.add_argument("--controller", help="the daemon's actuator address, e.g. tcp://10.0.0.1:5601")
+    act.add_argument("--deadman-s", type=float, help="reset clocks after this long without the controller, s")
+    act.add_argument("--status-period-s", type=float, help="report clocks, power and energy this often, s")
+    act.add_argument("--gpus", type=int, nargs="+", help="GPU indices to manage (default: all)")
+    act.add_argument("--nvml-library", help="NVML library to load instead of the driver's libnvidia-ml.so.1")
+    act.add_argument("--sim-gpus", type=int, help="sim backend: GPUs of the simulated node")
+    act.add_argument("--state-file", help="sim backend: share the simulated node through this file")
+    act.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop()  # only flips the loop's state; the loop resets and exits
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dualscale.runtime.config import load_runtime_config
+    from dualscale.runtime.daemon import ControllerDaemon
+
+    _logging(args.log_level)
+    cfg = load_runtime_config(args.config)
+    if args.metrics_port is not None:
+        cs = msgspec.convert(msgspec.structs.asdict(cfg.controller) | {"metrics_port": args.metrics_port},
+                             type(cfg.controller))
+        cfg = msgspec.structs.replace(cfg, controller=cs)
+    daemon = ControllerDaemon(cfg)
+    _on_signals(daemon.stop)
+    daemon.run()
+    return 0
+
+
+def cmd_actuator(args: argparse.Namespace) -> int:
+    from dualscale.device import make_backend
+    from dualscale.runtime.actuator import Actuator
+    from dualscale.runtime.config import ActuatorSettings, SimSettings, load_runtime_config
+
+    _logging(args.log_level)
+    cfg = load_runtime_config(args.config)
+    a = cfg.actuator
+    over = {k: v for k, v in (("backend", args.backend), ("node", args.node), ("controller_address", args.controller),
+                              ("deadman_s", args.deadman_s), ("status_period_s", args.status_period_s),
+                              ("gpus", args.gpus), ("nvml_library", args.nvml_library)) if v is not None}
+    sim_over = {k: v for k, v in (("gpus", args.sim_gpus), ("state_file", args.state_file)) if v is not None}
+    sim = msgspec.convert(msgspec.structs.asdict(a.sim) | sim_over, SimSettings)
+    # round-trip through msgspec so command-line values get the same checks as the file's
+    a = msgspec.convert(msgspec.structs.asdict(a) | over | {"sim": msgspec.structs.asdict(sim)}, ActuatorSettings)
+    backend = make_backend(a.backend, profile=cfg.profile, gpus=a.sim.gpus, switch_delay_s=a.sim.switch_delay_s,
+                           state_file=a.sim.state_file or None, nvml_library=a.nvml_library or None)
+    with backend:
+        actuator = Actuator(backend, a)
+        _on_signals(actuator.stop)
+        actuator.run()
+    return 0
+
+
+HANDLERS: dict[tuple[str, None], Callable[[argparse.Namespace], int]] = {
+    ("serve", None): cmd_serve,
+    ("actuator", None): cmd_actuator,
+}

@@ -1,0 +1,72 @@
+"""Prometheus metrics of the controller daemon, in a registry of its own (no global state).
+
+prometheus_client is used rather than a hand-written exposition: it is small, pure Python, has no
+dependencies, and gets the text format, histogram buckets and HTTP serving right. The hot path only
+touches pre-bound children (``labels()`` is looked up once per instance).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from dualscale.runtime.serial import REASONS
+
+#: Decision latency buckets (s): 20 us .. 50 ms.
+LATENCY_BUCKETS_S = (2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
+
+
+class DaemonMetrics:
+    """Every metric the daemon exports (names carry units: ``_seconds``, ``_mhz``, ``_watts``, ``_joules``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.decisions = Counter("dualscale_decisions", "Clock decisions made", ["instance", "phase"], registry=r)
+        self.decision_latency = Histogram(
+            "dualscale_decision_latency_seconds", "Report received to clock command sent, in the daemon",
+            ["phase"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.infeasible = Counter("dualscale_infeasible_decisions", "Decisions where no clock met every deadline",
+                                  ["instance"], registry=r)
+        self.clock = Gauge("dualscale_clock_mhz", "Clock last commanded per instance", ["instance"], registry=r)
+        self.dropped = Counter("dualscale_dropped_messages", "Messages dropped by reason", ["reason"], registry=r)
+        self.superseded = Counter("dualscale_superseded_reports",
+                                  "Reports replaced by a newer one of the same instance before a decision", registry=r)
+        self.unroutable = Counter("dualscale_unroutable_commands",
+                                  "Commands not sent: actuator not connected or its queue full", ["node"], registry=r)
+        self.gpu_clock = Gauge("dualscale_gpu_clock_mhz", "SM clock reached, read back by the actuator",
+                               ["node", "gpu"], registry=r)
+        self.gpu_locked = Gauge("dualscale_gpu_locked_clock_mhz", "SM clock locked by the actuator (0 = not locked)",
+                                ["node", "gpu"], registry=r)
+        self.gpu_reasons = Gauge("dualscale_gpu_clock_event_reasons", "NVML clock-event (throttle) reasons bitmask",
+                                 ["node", "gpu"], registry=r)
+        self.power = Gauge("dualscale_power_watts", "Power of the GPUs of each phase", ["phase"], registry=r)
+        self.energy = Counter("dualscale_energy_joules", "Energy of the GPUs of each phase", ["phase"], registry=r)
+        self.actuator_up = Gauge("dualscale_actuator_up", "1 while the node's actuator reports", ["node"], registry=r)
+        self.deadman_resets = Gauge("dualscale_actuator_deadman_resets", "Dead-man resets the actuator reported",
+                                    ["node"], registry=r)
+        for reason in REASONS:
+            self.dropped.labels(reason)  # every reason is exported from the start, at 0
+
+
+def serve_metrics(metrics: DaemonMetrics, host: str, port: int) -> WSGIServer:
+    """Serve ``/metrics`` over HTTP on a daemon thread; ``shutdown()`` the returned server to stop."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server
+
+
+def read_metrics(host: str, port: int, timeout_s: float = 5.0) -> dict[str, float]:
+    """Every sample of a ``/metrics`` page, keyed as exposed (``name{label="v",...}``).
+
+    Raises:
+        OSError: the endpoint did not answer.
+    """
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
