@@ -145,8 +145,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Reproduce the paper's comparison on 16 x H100 / Llama-3.3-70B: DistServe (max-goodput placement at\n"
             "the top clock), PlaceOnly (placement ILP every 5-minute window, baseline clocks) and DualScale (the\n"
-            "same placements plus per-iteration clock control), on Gamma arrivals at 10-85 %% of capacity and on\n"
-            "the Azure conv trace at 67 %% and 85 %% of capacity. Prints a table; --json and --plots write files.\n"
+            "same placements plus per-iteration clock control), on Gamma arrivals at 10-85 % of capacity and on\n"
+            "the Azure conv trace at 67 % and 85 % of capacity. Prints a table; --json and --plots write files.\n"
             "Full scale takes several minutes (the goodput table is cached after the first run); --quick is a\n"
             "small version for smoke tests.\n\n"
             "examples:\n"
