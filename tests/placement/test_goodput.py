@@ -84,3 +84,11 @@ def test_bad_settings_are_named(scenario, small_trace, tmp_path):
     one = Trace("one", np.array([0.0]), np.array([10]), np.array([2]), "x")
     with pytest.raises(ValueError, match="at least 2 requests"):
         goodput_table(scenario, one, SETTINGS, cache_dir=tmp_path)
+
+
+def test_a_configuration_that_never_meets_the_slo_has_goodput_zero(scenario, tmp_path):
+    strict = msgspec.structs.replace(scenario, slo=msgspec.structs.replace(scenario.slo, tpot_s=0.001))
+    tr = window(load_trace("azure-conv"), 0.0, 30.0)
+    tab = goodput_table(strict, tr, GoodputSettings(tp_degrees=[2], clocks_mhz=[1980]), workers=1, cache_dir=tmp_path)
+    dec = tab.get("decode", 2, 1980)
+    assert dec.goodput_per_s == 0.0 and dec.energy_per_request_j is None

@@ -123,3 +123,18 @@ def test_bad_arguments_are_named(profile, kwargs, match):
     args = dict(rate_per_s=1.0, gpus=16) | kwargs
     with pytest.raises(ValueError, match=match):
         place(tab, profile, **args)
+
+
+def test_shortfall_is_measured_on_the_bottleneck_phase(profile):
+    tab = table([GoodputEntry("prefill", 2, 1980, 10.0, 300.0, 1), GoodputEntry("decode", 4, 1980, 1.0, 100.0, 1)])
+    plan = place(tab, profile, 5.0, 16)
+    assert not plan.feasible
+    assert "at most 3.00 req/s" in plan.message and "short by 2.25 req/s" in plan.message
+
+
+def test_every_request_lands_in_a_window():
+    from dualscale.placement.evaluate import _windows
+    from dualscale.sim.traces import Trace
+
+    tr = Trace("t", np.array([0.0, 1.0, 100.0, 200.0, 201.0]), np.array([10] * 5), np.array([2] * 5), "t")
+    assert sum(len(w) for w in _windows(tr, 100.0)) == 5

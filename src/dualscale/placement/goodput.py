@@ -22,7 +22,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
@@ -47,7 +47,7 @@ class GoodputSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     #: upper end of the rate search per GPU of the instance, req/s (the authors' fork: 20)
     max_rate_per_gpu: float = 20.0
     #: the search stops when the bracket is narrower than this many req/s, or 2 % of the rate
-    tolerance_per_s: float = 0.05
+    tolerance_per_s: Annotated[float, msgspec.Meta(gt=0)] = 0.05
     #: "trace": probes rescale the trace's own arrivals; "gamma": every probe draws fresh Gamma
     #: arrivals at its rate (coefficient of variation ``gamma_cv``) with the trace's lengths,
     #: because downsampling a renewal process smooths it (keeping every k-th arrival divides
@@ -127,6 +127,8 @@ def _group(scenario: Scenario, profile_name: str, trace: Trace, phase: str, tp: 
     """Goodput of every baseline clock of one (phase, TP), lowest clock first, sharing bounds."""
     profile = Profile.load(profile_name)
     hi_limit = settings.max_rate_per_gpu * tp
+    # below this a probe would replay fewer than two requests: call it goodput 0
+    min_rate = 2.0 / max(trace.duration_s, 1e-9)
     lo = 0.0
     out = []
     for f in sorted(settings.clocks_mhz):
@@ -154,6 +156,8 @@ def _group(scenario: Scenario, profile_name: str, trace: Trace, phase: str, tp: 
                 lo, energy_at_lo = hi, e
         while hi - lo > max(settings.tolerance_per_s, 0.02 * lo):
             mid = (lo + hi) / 2
+            if mid < min_rate:
+                break
             ok, e = probe(scenario, profile, trace, phase, tp, f, mid, settings)
             probes += 1
             if ok:

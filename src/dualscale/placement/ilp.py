@@ -177,7 +177,8 @@ def place(table: GoodputTable, profile: Profile, rate_per_s: float, gpus: int, *
         return _plan(entries, n, x, idle, per_req, rate_per_s, alpha, gpus, window_s, True, "", objective)
     # best effort: the most rate the budget serves at the top clock of each configuration
     best = max_goodput_plan(table, profile, gpus, rate_per_s=rate_per_s, alpha=alpha, window_s=window_s)
-    capacity = sum(g.goodput_per_s * g.instances for g in best.groups if g.phase == "prefill")
+    top = max(e.freq_mhz for e in table.entries)
+    capacity = max_rate(table, profile, gpus, [top])[0]
     msg = (f"{gpus} GPUs cannot serve {rate_per_s:.2f} req/s x (1 + {alpha:g}) = {demand:.2f} req/s within the SLOs: "
            f"at most {capacity:.2f} req/s at the top clock (short by {demand - capacity:.2f} req/s); "
            "best-effort plan at the top clock")

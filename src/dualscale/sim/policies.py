@@ -148,7 +148,11 @@ class DualScale(Policy):
 
 # ---- lowest feasible clock, no horizon (throttLL'eM-style) ----------------------------------------
 class _LowestPrefill(PrefillControl):
-    """Lowest clock at which every request completing in the next batch meets its TTFT target."""
+    """Lowest clock at which every request completing in the next batch meets its TTFT target.
+
+    Without a horizon, a batch in which no request completes (a chunk of a long prompt) has no
+    deadline and runs at the lowest clock: the weakness a horizon removes.
+    """
 
     def __init__(self, profile: Profile, tp: int, scenario: Scenario) -> None:
         self.clocks = profile.clocks_mhz
@@ -265,8 +269,10 @@ class Rules(Policy):
 
     def __init__(self, profile: Profile, scenario: Scenario) -> None:
         super().__init__(profile, scenario)
-        self.clocks = tuple(f for f in RULE_CLOCKS_MHZ if f in profile.clocks_mhz) or tuple(
-            int(f) for f in profile.clocks_mhz[:: max(1, profile.clocks_mhz.size // 9)])
+        grid = profile.clocks_mhz
+        # another GPU: ten levels spread over its grid, the lowest and the top clock included
+        spread = tuple(int(grid[i]) for i in sorted(set(np.linspace(0, grid.size - 1, 10).round().astype(int))))
+        self.clocks = tuple(f for f in RULE_CLOCKS_MHZ if f in grid) or spread
 
     def prefill(self, tp: int, base_mhz: int | None = None) -> PrefillControl:
         return _RulesPrefill(self.scenario, self.clocks)
