@@ -15,8 +15,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from dualscale._kernels import perf_model as pm
 from dualscale._validate import token_array
-from dualscale.config import builtin_config_dir, load_toml
-from dualscale.errors import ConfigError
+from dualscale.config import builtin_names, load_named
 from dualscale.profile.schema import ClockResponse, ProfileConfig
 
 Phase = Literal["prefill", "decode"]
@@ -26,7 +25,7 @@ FloatOrArray = float | NDArray[np.float64]
 
 def builtin_profiles() -> list[str]:
     """Names of the profiles shipped with dualscale."""
-    return sorted(p.stem for p in (builtin_config_dir() / "profiles").glob("*.toml"))
+    return builtin_names("profiles")
 
 
 def interp_curves(cr: ClockResponse, freq_mhz: NDArray[np.float64], phase: Phase, tp: int) -> NDArray[np.float64]:
@@ -90,16 +89,7 @@ class Profile:
     @classmethod
     def load(cls, name_or_path: str | Path) -> Profile:
         """Load a built-in profile by name (e.g. ``"h100-sxm-llama-3.3-70b"``) or a TOML file by path."""
-        p = Path(name_or_path)
-        if p.suffix == ".toml" or p.exists():
-            return cls(load_toml(p, ProfileConfig), str(p))
-        builtin = builtin_config_dir() / "profiles" / f"{name_or_path}.toml"
-        if not builtin.is_file():
-            raise ConfigError(
-                f"profile {str(name_or_path)!r}: no such built-in profile or file; "
-                f"built-in profiles: {', '.join(builtin_profiles()) or '(none found)'}"
-            )
-        return cls(load_toml(builtin, ProfileConfig), str(name_or_path))
+        return cls(load_named(name_or_path, ProfileConfig, "profiles", "profile"), str(name_or_path))
 
     @property
     def name(self) -> str:
