@@ -38,6 +38,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from dualscale._kernels import mpc
 from dualscale._kernels import perf_model as pm
 from dualscale.profile import Profile
 from dualscale.sim.policies import DecodeControl, Policy, PrefillControl
@@ -163,7 +164,9 @@ class _Prefill(_Instance):
         self.control = control
         self.queue: deque[int] = deque()
         self.load_tokens = 0  # prompt tokens queued, not yet prefilled (routing load)
-        self.batch: list[tuple[int, int]] = []
+        self.batch: list[tuple[int, int]] = []  # (request, tokens) of the batch running
+        self.bounds = np.zeros(2, dtype=np.int64)
+        self.batch_tokens = np.zeros(1, dtype=np.int64)
 
 
 class _Decode(_Instance):
@@ -299,19 +302,16 @@ class Simulation:
         inst.queue_len = q.size
         f = inst.control.clock(t, self.arrival_s[q], self.prompt[q], self.prefilled[q], 0.0)
         inst.request_clock(f, t)
-        # FCFS chunking, the rule the controller projects
-        room = self.scenario.prefill.max_batch_tokens
-        batch = []
-        for r in q.tolist():
-            left = int(self.prompt[r] - self.prefilled[r])
-            take = min(left, room)
-            batch.append((r, take))
-            room -= take
-            if room == 0:
-                break
-        chunks = np.array([b[1] for b in batch], dtype=np.int64)
-        prefix = self.prefilled[[b[0] for b in batch]]
-        pm.prefill_grid(chunks, prefix, inst.coef, inst.table, inst.out)
+        # the next batch by the very rule the prefill controller projects (one-batch horizon)
+        tokens = np.stack([self.prompt[q], self.prefilled[q]])
+        chunk_tokens = np.empty(q.size + 1, dtype=np.int64)
+        chunk_prefix = np.empty(q.size + 1, dtype=np.int64)
+        done = np.empty(q.size, dtype=np.int64)
+        mpc.project(tokens, self.scenario.prefill.max_batch_tokens, 1, chunk_tokens, chunk_prefix, inst.bounds,
+                    done, inst.batch_tokens)
+        n_chunks = int(inst.bounds[1])  # one chunk per request, in queue order
+        pm.prefill_grid(chunk_tokens[:n_chunks], chunk_prefix[:n_chunks], inst.coef, inst.table, inst.out)
+        batch = list(zip(q[:n_chunks].tolist(), chunk_tokens[:n_chunks].tolist()))
         inst.batch = batch
         inst.busy = True
         self._push(inst.run(t), _PREFILL_DONE, inst.index)
