@@ -96,20 +96,18 @@ def _pool(runs: Sequence[RunResult], scenario: Scenario) -> dict[str, float]:
     ttft, tpot, served, n, e_pre, e_dec, tok_in, tok_out = [], [], 0, 0, 0.0, 0.0, 0, 0
     for r in runs:
         tr = r.trace
-        ttft.append(r.first_token_s - tr.arrival_s)
-        multi = tr.output_tokens > 1
-        tpot.append((r.finish_s[multi] - r.first_token_s[multi]) / (tr.output_tokens[multi] - 1))
+        a, b = r.latencies_s()
+        ttft.append(a)
+        tpot.append(b)
         served += int(np.isfinite(r.finish_s).sum())
         n += len(tr)
-        e_pre += sum(i.energy_busy_j + i.energy_idle_j for i in r.prefill)
-        e_dec += sum(i.energy_busy_j + i.energy_idle_j for i in r.decode)
+        e_pre += r.energy_j("prefill")
+        e_dec += r.energy_j("decode")
         tok_in += int(tr.input_tokens.sum())
         tok_out += int(tr.output_tokens.sum())
     q = scenario.slo.percentile
     a = np.concatenate(ttft)
     b = np.concatenate(tpot)
-    a = a[np.isfinite(a)]
-    b = b[np.isfinite(b)]
     t99 = float(np.percentile(a, q)) if a.size else math.inf
     p99 = float(np.percentile(b, q)) if b.size else 0.0
     return {"requests": n, "completed": served, "prefill_j": e_pre, "decode_j": e_dec,

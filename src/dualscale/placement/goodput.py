@@ -108,18 +108,11 @@ def probe(scenario: Scenario, profile: Profile, trace: Trace, phase: str, tp: in
                                          "cluster": msgspec.to_builtins(scenario.cluster) | {"gpus": 2 * tp}},
         Scenario)
     run = Simulation(sc, profile, tr, Static(profile, sc, freq_mhz, f"static:{freq_mhz}"), only=phase).run()  # type: ignore[arg-type]
-    inst = run.prefill[0] if phase == "prefill" else run.decode[0]
-    energy = inst.energy_busy_j + inst.energy_idle_j
     served = bool(np.isfinite(run.finish_s).all())
-    q = scenario.slo.percentile
-    if phase == "prefill":
-        lat = run.first_token_s - tr.arrival_s
-        ok = served and float(np.percentile(lat, q)) <= scenario.slo.ttft_s
-    else:
-        multi = tr.output_tokens > 1
-        tpot = (run.finish_s[multi] - run.first_token_s[multi]) / (tr.output_tokens[multi] - 1)
-        ok = served and (tpot.size == 0 or float(np.percentile(tpot, q)) <= scenario.slo.tpot_s)
-    return ok, energy / max(1, len(tr))
+    ttft, tpot = run.latencies_s()
+    lat, slo = (ttft, scenario.slo.ttft_s) if phase == "prefill" else (tpot, scenario.slo.tpot_s)
+    ok = served and (lat.size == 0 or float(np.percentile(lat, scenario.slo.percentile)) <= slo)
+    return ok, run.energy_j(phase) / max(1, len(tr))
 
 
 def _group(scenario: Scenario, profile_name: str, trace: Trace, phase: str, tp: int,

@@ -223,6 +223,21 @@ class RunResult:
     events: int
     wall_s: float
 
+    def latencies_s(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """(TTFT of every request that got its first token, TPOT of every finished request with
+        more than one output token), seconds."""
+        tr = self.trace
+        got = np.isfinite(self.first_token_s)
+        ttft = (self.first_token_s - tr.arrival_s)[got]
+        multi = np.isfinite(self.finish_s) & (tr.output_tokens > 1)
+        tpot = (self.finish_s[multi] - self.first_token_s[multi]) / (tr.output_tokens[multi] - 1)
+        return ttft, tpot
+
+    def energy_j(self, phase: str) -> float:
+        """Energy of every instance of ``phase`` ("prefill" or "decode"), busy and idle, J."""
+        insts = self.prefill if phase == "prefill" else self.decode
+        return float(sum(i.energy_busy_j + i.energy_idle_j for i in insts))
+
 
 class Simulation:
     """One run of ``trace`` through the cluster of ``scenario`` under ``policy``.

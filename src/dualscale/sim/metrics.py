@@ -80,13 +80,9 @@ def _percentiles(x: NDArray[np.float64]) -> Percentiles:
 def summarize(run: RunResult) -> Summary:
     """The :class:`Summary` of a finished run."""
     tr, sc = run.trace, run.scenario
-    arrival = tr.arrival_s
     done = np.isfinite(run.finish_s)
-    ttft = (run.first_token_s - arrival)[np.isfinite(run.first_token_s)]
-    multi = done & (tr.output_tokens > 1)
-    tpot = (run.finish_s[multi] - run.first_token_s[multi]) / (tr.output_tokens[multi] - 1)
-    e_pre = sum(i.energy_busy_j + i.energy_idle_j for i in run.prefill)
-    e_dec = sum(i.energy_busy_j + i.energy_idle_j for i in run.decode)
+    ttft, tpot = run.latencies_s()
+    e_pre, e_dec = run.energy_j("prefill"), run.energy_j("decode")
     slo = sc.slo
     q = slo.percentile
     # requests never served count as misses in attainment
