@@ -145,9 +145,8 @@ class PrefillController:
         pm.warm_up()
         mpc.warm_up()
         self.decide(1.0, [0.5, 0.9], [self.max_batch_tokens + 7, 300])
-        if self._qp is not None:
-            self._qp = QpSolver(self.horizon, self._qp.settings)
-            self._qp.setup()
+        if self._qp is not None:  # the warm-up's solution must not seed the first real decision
+            self._qp.reset_warm_start()
 
     # ---- the decision ------------------------------------------------------------------------
     def _queue(self, now_s: float, arrival_s: ArrayLike, prompt_tokens: ArrayLike,

@@ -90,8 +90,7 @@ class QpSolver:
         self.horizon = horizon
         self.settings = settings or QpSettings()
         self._solver: osqp.OSQP | None = None
-        self._x = np.ones(horizon)
-        self._y = np.zeros(2 * horizon)
+        self.reset_warm_start()
         self._xs = np.empty(horizon)
         self._ys = np.empty(2 * horizon)
         self._upper = np.empty(2 * horizon)
@@ -161,6 +160,11 @@ class QpSolver:
         else:
             self._solver.update(q=q, u=upper, Px=px, Ax=ax)
 
+    def reset_warm_start(self) -> None:
+        """Forget the previous solution: the next solve starts cold (all batches at the fastest clock)."""
+        self._x = np.ones(self.horizon)
+        self._y = np.zeros(2 * self.horizon)
+
     def warm_start_shifted(self) -> None:
         """Start from the previous solution shifted by one batch (the first batch has run)."""
         assert self._solver is not None
@@ -194,6 +198,5 @@ class QpSolver:
             self._y = y
         else:
             status = QpStatus.FAILED
-            self._x = np.ones(self.horizon)
-            self._y = np.zeros(2 * self.horizon)
+            self.reset_warm_start()
         return QpResult(x=x, y=y, status=status, iterations=int(info.iter), solve_time_s=dt)
