@@ -244,7 +244,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from dualscale.sim.run import build_trace, simulate
+    from dualscale.sim.run import build_trace, rescale, simulate
     from dualscale.sim.scenario import load_scenario
 
     scenario = load_scenario(args.config if args.config is not None else args.scenario)
@@ -257,7 +257,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.load is not None:
         if not args.load > 0:
             raise ValueError(f"--load = {args.load}: must be > 0 (a fraction of the trace's own rate)")
-        trace = build_trace(msgspec.structs.replace(spec, rate_per_s=args.load * trace.rate_per_s))
+        trace = rescale(trace, args.load * trace.rate_per_s, spec.scaling)
     policies = args.policy or ["distserve", "dualscale"]
     con = Console(width=None if sys.stdout.isatty() else 160)
     con.print(f"[bold]{scenario.name}[/bold]: {scenario.description}")

@@ -23,9 +23,12 @@ def build_trace(spec: TraceSpec) -> Trace:
         # 0 means to the end: one second past the last arrival includes it
         duration = spec.duration_s if spec.duration_s > 0 else max(0.0, trace.duration_s - spec.start_s) + 1.0
         trace = window(trace, spec.start_s, duration)
-    if spec.rate_per_s > 0:
-        trace = downsample(trace, spec.rate_per_s) if spec.scaling == "downsample" else time_scale(trace, spec.rate_per_s)
-    return trace
+    return rescale(trace, spec.rate_per_s, spec.scaling) if spec.rate_per_s > 0 else trace
+
+
+def rescale(trace: Trace, rate_per_s: float, scaling: str) -> Trace:
+    """``trace`` at ``rate_per_s`` by keeping evenly spaced requests ("downsample") or by rescaling time."""
+    return downsample(trace, rate_per_s) if scaling == "downsample" else time_scale(trace, rate_per_s)
 
 
 def simulate(scenario: Scenario, policies: Sequence[str], trace: Trace | None = None,
