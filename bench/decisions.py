@@ -214,7 +214,7 @@ def main() -> int:
     console.print(t)
     if args.json:
         meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                "dualscale": dualscale.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+                "dualscale": dualscale.__version__, "args": {k: str(v) for k, v in vars(args).items() if k != "json"}}
         args.json.write_text(json.dumps({"meta": meta, "prefill": prefill, "decode": decode}, indent=1))
         console.print(f"wrote {args.json}")
     return 0

@@ -40,7 +40,7 @@ def add_parsers(sub: Any) -> None:
             "--backend nvml needs root (CAP_SYS_ADMIN); --backend sim simulates the node.\n\n"
             "examples:\n"
             "  sudo dualscale actuator --config deploy.toml --backend nvml --node gpu-node-3\n"
-            "  dualscale actuator --config example --backend sim --state-file /tmp/node0.state"
+            "  dualscale actuator --config example --backend sim --state-file node0.state"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -11,7 +11,7 @@ the real path: agent -> controller daemon -> actuator -> simulated GPU -> engine
 Used by the end-to-end test and ``bench/``; also a demo::
 
     python -m dualscale.runtime.emulate --config example --prefill prefill-0 --decode decode-0 \\
-        --state-file /tmp/node0.state --rate 2 --duration 60
+        --state-file node0.state --rate 2 --duration 60
 """
 
 from __future__ import annotations
