@@ -178,7 +178,7 @@ def test_round_repair_improve_matches_twin_and_is_feasible(p, data):
     order, n_front = _front(tables, n)
     u = np.array(data.draw(st.lists(st.floats(0.5, 5.0), min_size=n, max_size=n)))
     plan = np.empty(n, dtype=np.int64)
-    energy = mpc.round_repair_improve(tables, budget, n, order, n_front, u, plan, np.empty((2, n)))
+    energy = mpc.round_repair_improve(tables, budget, n, order, n_front, u, plan, np.empty(n))
     fronts = [order[k, : n_front[k]].tolist() for k in range(n)]
     want_e, want_plan = ref.round_repair_improve(tables[0], tables[1], budget, fronts, u)
     assert mpc.plan_cost(tables, budget, n, plan)[1]

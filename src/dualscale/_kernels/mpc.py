@@ -457,7 +457,7 @@ def round_repair_improve(tables, budget_s, n_batches, order, n_front, u, plan, w
        the step that costs the least energy per second saved (all-fast is always feasible).
     3. Improve: apply the best energy-saving feasible move (one batch one step slower, or one batch
        one step faster paired with another one step slower) until none is left.
-    ``work`` (2, K) float64 is scratch. ``plan`` receives clock columns. Returns the energy.
+    ``work`` (K,) float64 is scratch. ``plan`` receives clock columns. Returns the energy.
     """
     pos = np.empty(n_batches, dtype=np.int64)
     for k in range(n_batches):
@@ -471,7 +471,6 @@ def round_repair_improve(tables, budget_s, n_batches, order, n_front, u, plan, w
                 break
         pos[k] = p
         plan[k] = order[k, p]
-    slack = work[0]
     while True:
         cum = 0.0
         broken = -1
@@ -496,15 +495,12 @@ def round_repair_improve(tables, budget_s, n_batches, order, n_front, u, plan, w
                     best_rate = rate
         pos[best] -= 1
         plan[best] = order[best, pos[best]]
-    gain_t = work[1]
+    slack = work
     while True:
         _slack_from(tables, budget_s, n_batches, plan, slack)
         best_gain = 0.0
         mv_slow = -1
         mv_fast = -1
-        # time saved (<= 0 change) and energy cost of making batch i one step faster
-        for k in range(n_batches):
-            gain_t[k] = 0.0
         for j in range(n_batches):
             if pos[j] + 1 >= n_front[j]:
                 continue
@@ -599,5 +595,5 @@ def warm_up() -> None:
     px = np.empty(horizon)
     ax = np.empty(horizon * (horizon + 1) // 2 + horizon)
     qp_data(tables, budget, n, order, n_front, qp_vec, px, ax)
-    round_repair_improve(tables, budget, n, order, n_front, np.ones(horizon), plan, np.empty((2, horizon)))
+    round_repair_improve(tables, budget, n, order, n_front, np.ones(horizon), plan, np.empty(horizon))
     shift_warm_start(np.ones(horizon), np.zeros(2 * horizon), np.empty(horizon), np.empty(2 * horizon))

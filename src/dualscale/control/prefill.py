@@ -117,7 +117,7 @@ class PrefillController:
         # views into qp_vec's rows, so the QP data reaches OSQP without copies
         self._q = self._qp_vec[0]
         self._upper = self._qp_vec[1:3].reshape(-1)
-        self._work = np.empty((2, k))
+        self._work = np.empty(k)
         self._ones = np.ones(k)
         self._qp: QpSolver | None = None
         #: result of the last QP solve (None for the other solvers or when no QP was needed)
