@@ -180,7 +180,7 @@ def check_prefill_decision(ctl: PrefillController, q: PrefillQueue, d: PrefillDe
 
 
 def check_decode_decision(ctl: DecodeController, b: DecodeBatch, d: DecodeDecision, kv_util: float = 0.0) -> None:
-    """Assert the decode guarantees: a supported clock; the least-energy clock whose step fits the
+    """Assert the decode guarantees: a supported clock; the least-energy (or, with objective="power", least-power) clock whose step fits the
     budget, or the top clock when none fits or KV use is at the guard."""
     clocks = ctl.clocks_mhz
     assert d.freq_mhz in set(clocks.tolist()), f"freq_mhz {d.freq_mhz} is not in the controller's clock set"
@@ -198,7 +198,7 @@ def check_decode_decision(ctl: DecodeController, b: DecodeBatch, d: DecodeDecisi
     if not fits.any() or kv_util >= ctl.kv_guard:
         assert d.freq_mhz == clocks[-1], "top clock expected (nothing fits or KV at the guard)"
         return
-    energy = np.where(fits, w if getattr(ctl, "objective", "energy") == "power" else w * t, np.inf)
+    energy = np.where(fits, w if ctl.objective == "power" else w * t, np.inf)
     best = energy.min()
     j = int(np.searchsorted(clocks, d.freq_mhz))
     assert fits[j], f"{d.freq_mhz} MHz takes {t[j]:.6f} s, over the budget {budget:.6f} s"
