@@ -180,8 +180,9 @@ def check_prefill_decision(ctl: PrefillController, q: PrefillQueue, d: PrefillDe
 
 
 def check_decode_decision(ctl: DecodeController, b: DecodeBatch, d: DecodeDecision, kv_util: float = 0.0) -> None:
-    """Assert the decode guarantees: a supported clock; the least-energy (or, with objective="power", least-power) clock whose step fits the
-    budget, or the top clock when none fits or KV use is at the guard."""
+    """Assert the decode guarantees: a supported clock; the least-energy (with objective="power":
+    least-power) clock whose step fits the budget, or the top clock when none fits or KV use is at
+    the guard."""
     clocks = ctl.clocks_mhz
     assert d.freq_mhz in set(clocks.tolist()), f"freq_mhz {d.freq_mhz} is not in the controller's clock set"
     if b.first_token_s.size == 0:
