@@ -7,15 +7,21 @@ states drawn once per instance from a seeded generator and cycled). A third proc
 node's actuator (a DEALER that timestamps each command on arrival and applies nothing, so what is
 timed is the daemon's path).
 
-Latency = actuator receive time - the report's send time (both CLOCK_MONOTONIC on this host), so it
-covers: encode + ZeroMQ to the daemon + decode + decision + encode + ZeroMQ to the actuator.
+Latency = actuator receive time - the report's time (both CLOCK_MONOTONIC on this host), so it
+covers: encode + the shared-memory ring + the relay's poll + ZeroMQ to the daemon + decode + decision
++ encode + ZeroMQ to the actuator.
 
 1. unloaded: one report every 2 ms (one in flight), cycling over the instances;
 2. sustained: every instance reports at 50 Hz (64 x 50 = 3,200 reports/s) for ``--duration-s``;
    decisions/s = commands received / duration, plus the latency under that load;
 3. (``--ramp``) the same at 2x and 4x the rate, to show the headroom.
 
-Also: the cost of one ``WorkerAgent.report_*`` call to the engine (p50/p99, connected).
+Also: the cost of one ``WorkerAgent.report_*`` call to the engine's thread, in a tight loop
+(everything in cache), and wall and CPU time of single calls: back to back, after the thread slept
+0.5 or 2 ms (an engine waiting for its GPU step), and after 2 ms of sleep then ~20 us of other
+Python work (an engine scheduling its next step), measured in rotation with two references: the previous hand-off (encode, then send on a ZeroMQ PUSH socket from
+the engine's thread) and a plain 1 KB copy (what any code costs after the same sleep on this host).
+Wall minus CPU time is time the thread spent not running: waiting, or preempted.
 
 Targets (issue 6): p99 <= 1 ms; 3,200 decisions/s sustained on a 2-core machine.
 
@@ -40,9 +46,10 @@ import numpy as np
 import tomli_w
 import zmq
 
-from dualscale.runtime.messages import MsgType
+from dualscale.runtime.messages import DecodeReport, MsgType, PrefillReport
 from dualscale.runtime.metrics import read_metrics
-from dualscale.runtime.serial import FrameDecoder
+from dualscale.runtime.serial import FrameDecoder, FrameEncoder
+from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLOUT, make_socket
 from dualscale.runtime.worker import WorkerAgent
 
 N_INSTANCES = 64
@@ -106,32 +113,90 @@ def actuator_stub(address: str, stop: Any, out: Any) -> None:
     ctx.term()
 
 
-class Rig:
-    """The load generator (worker agents) around a daemon process; the actuator stub is a process too."""
+class DirectReporter:
+    """Reference: the previous hand-off, a report encoded and sent on a PUSH socket by the engine's thread."""
 
-    def __init__(self, tmp: Path, port: int) -> None:
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], address: str) -> None:
+        self.sock = make_socket(ctx, zmq.PUSH, address, bind=False, hwm=16, immediate=True)
+        self.enc = FrameEncoder()
+        self.epoch = time.time_ns()
+        self.seq = 0
+        self.sent = 0
+
+    def report(self, instance: str, prefill: bool, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> bool:
+        self.seq += 1
+        cls, mtype = (PrefillReport, MsgType.PREFILL_REPORT) if prefill else (DecodeReport, MsgType.DECODE_REPORT)
+        msg = cls(instance, self.epoch, self.seq, time.monotonic_ns(), 1000.0, 0.3, 0.0, 0,
+                  np.ascontiguousarray(x, "<f8").tobytes(), np.ascontiguousarray(y, "<i8").tobytes(),
+                  np.ascontiguousarray(z, "<i8").tobytes())
+        if not self.sock.getsockopt(EVENTS) & POLLOUT:
+            return False
+        try:
+            self.sock.send(self.enc.encode(mtype, msg), NOBLOCK, copy=True)
+        except zmq.Again:
+            return False
+        self.sent += 1
+        return True
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def sink(address: str, stop: Any) -> None:
+    """A controller that only receives: the quiet-host setting of the cost measurement."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.bind(address)
+    while not stop.is_set():
+        while sock.poll(100):
+            sock.recv()
+    sock.close(0)
+    ctx.term()
+
+
+class Rig:
+    """The load generator (worker agents) around a daemon process (or, with ``sink_address``, a
+    receive-only stand-in); the actuator stub and the sink are processes too."""
+
+    def __init__(self, tmp: Path, port: int, sink_address: str | None = None) -> None:
         self.ctx = zmq.Context(io_threads=1)
         cfg = config(tmp, port)
         mp = multiprocessing.get_context("spawn")
         self.stop = mp.Event()
         self.results, child = mp.Pipe(duplex=False)
-        self.stub = mp.Process(target=actuator_stub, args=(cfg["controller"]["actuator_address"], self.stop, child))
+        if sink_address is None:
+            self.stub = mp.Process(target=actuator_stub, args=(cfg["controller"]["actuator_address"], self.stop, child))
+        else:
+            self.stub = mp.Process(target=sink, args=(sink_address, self.stop))
         self.stub.start()
         self.names = [i["name"] for i in cfg["instances"]]
-        addr = cfg["controller"]["report_address"]
-        self.agents = [WorkerAgent(addr, n, "prefill" if n[0] == "p" else "decode", hwm=1000, ctx=self.ctx)
-                       for n in self.names]
+        addr = sink_address or cfg["controller"]["report_address"]
+        self.agents = [WorkerAgent(addr, n, "prefill" if n[0] == "p" else "decode") for n in self.names]
+        self.direct = DirectReporter(self.ctx, addr)
         rng = np.random.default_rng(20261123)
         self.states = [states(rng, n[0] == "p", 1000.0) for n in self.names]
         self.k = [0] * len(self.names)
 
-    def report(self, i: int) -> bool:
-        a, st = self.agents[i], self.states[i]
-        x, y, z = st[self.k[i] % len(st)]
+    def state(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Instance ``i``'s next queue or batch."""
+        st = self.states[i]
         self.k[i] += 1
+        return st[self.k[i] % len(st)]
+
+    def report(self, i: int, arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> bool:
+        a = self.agents[i]
+        x, y, z = arrays or self.state(i)
         if a.phase == "prefill":
             return a.report_prefill(1000.0, x, y, z, kv_util=0.3)
         return a.report_decode(1000.0, x, y, z, kv_util=0.3)
+
+    def report_direct(self, i: int, arrays: tuple[np.ndarray, np.ndarray, np.ndarray]) -> bool:
+        x, y, z = arrays
+        # its own instance name space: the daemon drops these as unknown instances after decoding
+        return self.direct.report(f"direct-{self.names[i]}", self.names[i][0] == "p", x, y, z)
+
+    def dropped(self) -> int:
+        return sum(a.dropped for a in self.agents)
 
     def commands(self) -> tuple[np.ndarray, np.ndarray]:
         """Stop the stub; (receive ns, origin ns) of every command it got."""
@@ -143,9 +208,15 @@ class Rig:
     def close(self) -> None:
         self.stop.set()
         if self.stub.is_alive():
+            try:  # the actuator stub sends its results before it exits
+                if self.results.poll(30):
+                    self.results.recv()
+            except EOFError:  # the sink sends none
+                pass
             self.stub.join(30)
         for a in self.agents:
             a.close()
+        self.direct.close()
         self.ctx.term()
 
 
@@ -169,7 +240,7 @@ def sustained(rig: Rig, rate_hz: float, duration_s: float) -> dict:
     period = 1.0 / rate_hz
     t0 = time.monotonic() + 0.05
     t0_ns = time.monotonic_ns() + 50_000_000
-    n_sent = n_dropped = 0
+    dropped_before = rig.dropped()
     k = 0  # reports scheduled so far: instance k % N at t0 + (k / N) * period
     total = int(duration_s * rate_hz) * N_INSTANCES
     while k < total:
@@ -179,34 +250,74 @@ def sustained(rig: Rig, rate_hz: float, duration_s: float) -> dict:
             time.sleep(due - now)
             continue
         while k < total and t0 + (k / N_INSTANCES) * period <= now:
-            if rig.report(k % N_INSTANCES):
-                n_sent += 1
-            else:
-                n_dropped += 1
+            rig.report(k % N_INSTANCES)
             k += 1
     wall = time.monotonic() - t0
-    return {"rate_per_instance_hz": rate_hz, "offered_per_s": total / wall, "sent": n_sent,
-            "dropped_at_worker": n_dropped, "window_ns": (t0_ns, time.monotonic_ns()), "wall_s": wall}
+    window = (t0_ns, time.monotonic_ns())
+    time.sleep(0.05)  # the relay's last polls: its drops are counted once it has seen every report
+    dropped = rig.dropped() - dropped_before
+    return {"rate_per_instance_hz": rate_hz, "offered_per_s": total / wall, "sent": total - dropped,
+            "dropped_at_worker": dropped, "window_ns": window, "wall_s": wall}
 
 
 def agent_cost(rig: Rig, count: int) -> dict[str, dict[str, dict[str, float]]]:
-    """What one report costs the engine's thread (encode + enqueue): back to back, as from a busy
-    scheduler thread, and one every 0.5 ms with the thread asleep in between (on this VM a thread
-    waking from sleep runs everything several times slower for a while: caches, idle states)."""
+    """What one report costs the engine's thread, in rotation with the two references (see the top)."""
+    copy_src, copy_dst = bytes(1024), bytearray(1024)
+
+    def copy_1kb(i: int, arrays: object) -> bool:
+        copy_dst[:] = copy_src
+        return True
+
+    def scheduler_work() -> None:
+        # what an engine's thread does between waking and reporting: some ~20 us of plain Python
+        queue = {f"r{k}": k for k in range(40)}
+        sum(sorted(queue.values(), reverse=True)[:16])
+
+    ops = {"ring (WorkerAgent)": rig.report, "zmq send (previous)": rig.report_direct, "1 KB copy": copy_1kb}
     out = {}
-    for label, gap_s in (("back_to_back", 0.0), ("every_0.5ms", 0.0005)):
-        samples: dict[str, list[float]] = {"prefill": [], "decode": []}
+    wall_ns, cpu_ns, perf_ns = time.perf_counter_ns, time.thread_time_ns, time.perf_counter_ns
+    for label, gap_s, work in (("back_to_back", 0.0, False), ("after_0.5ms_sleep", 0.0005, False),
+                               ("after_2ms_sleep", 0.002, False), ("after_2ms_sleep+work", 0.002, True)):
+        wall: dict[str, list[float]] = {k: [] for k in ops}
+        cpu: dict[str, list[float]] = {k: [] for k in ops}
         for j in range(count):
             i = j % N_INSTANCES
-            if gap_s:
-                time.sleep(gap_s)
-            elif j % 16 == 0:
-                time.sleep(0.005)  # let the daemon drain: reports beyond the HWM would be dropped (cheaper)
-            t = time.perf_counter_ns()
-            rig.report(i)
-            samples[rig.agents[i].phase].append((time.perf_counter_ns() - t) * 1e-9)
-        out[label] = {k: pct(v) for k, v in samples.items()}
+            for name, op in ops.items():
+                if gap_s:
+                    time.sleep(gap_s)
+                elif j % 16 == 0:
+                    time.sleep(0.005)  # let the daemon drain: reports beyond its queue would be dropped (cheaper)
+                if work:
+                    scheduler_work()
+                # an engine reports arrays it has just built: fresh copies, in cache as they would be
+                arrays = tuple(a.copy() for a in rig.state(i))
+                c0 = cpu_ns()
+                t0 = perf_ns()
+                op(i, arrays)
+                t1 = wall_ns()
+                c1 = cpu_ns()
+                wall[name].append((t1 - t0) * 1e-9)
+                cpu[name].append((c1 - c0) * 1e-9)
+        out[label] = {}
+        for name in ops:
+            w, c = np.asarray(wall[name]), np.asarray(cpu[name])
+            out[label][name] = {"wall": pct(w), "cpu": pct(c), "wall_minus_cpu": pct(w - c)}
     return out
+
+
+def tight_loop(rig: Rig, rounds: int = 9, n: int = 2000) -> dict[str, float]:
+    """Mean cost (us) of one decode report in a loop of ``n`` back to back (one instance, same
+    arrays, everything in cache): the agent's own CPU work, per round."""
+    i = 1  # a decode instance: the larger reports
+    arrays = rig.state(i)
+    per_call = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(n):
+            rig.report(i, arrays)
+        per_call.append((time.perf_counter() - t) / n * 1e6)
+        time.sleep(0.1)  # the relay catches up
+    return {"min_us": min(per_call), "median_us": float(np.median(per_call)), "requests": int(arrays[0].size)}
 
 
 def in_window(recv_ns: np.ndarray, origin_ns: np.ndarray, window: tuple[int, int]) -> np.ndarray:
@@ -235,6 +346,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ds-bench-") as tmp:
         cfg_path = Path(tmp) / "bench.toml"
         cfg_path.write_bytes(tomli_w.dumps(config(Path(tmp), port)).encode())
+        quiet = Rig(Path(tmp), port, sink_address=f"ipc://{tmp}/sink")
+        try:
+            time.sleep(0.5)
+            quiet_cost = agent_cost(quiet, 3200)
+            quiet_tight = tight_loop(quiet)
+        finally:
+            quiet.close()
         t_start = time.monotonic()
         daemon = subprocess.Popen([sys.executable, "-m", "dualscale.cli", "serve", "--config", str(cfg_path),
                                    "--log-level", "warning"])
@@ -263,7 +381,10 @@ def main() -> int:
             for r in rates:
                 runs.append(sustained(rig, r, args.duration_s))
                 time.sleep(0.5)
-            res["agent_report_cost"] = agent_cost(rig, 3200)
+            res["agent_report_cost"] = {"quiet host (receive-only controller)": quiet_cost,
+                                        "beside the daemon at work": agent_cost(rig, 3200)}
+            res["reference_reports_sent"] = rig.direct.sent
+            res["agent_tight_loop"] = quiet_tight
             res["meta"]["load_average_1min_after"] = os.getloadavg()[0]
             m = scrape(port)
             time.sleep(0.5)
@@ -289,13 +410,21 @@ def main() -> int:
         lat = s["latency"]
         print(f"sustained {N_INSTANCES} x {s['rate_per_instance_hz']:.0f} Hz (offered {s['offered_per_s']:,.0f}/s): "
               f"{s['decisions_per_s']:,.0f} decisions/s, {100 * s['answered_share']:.2f} % of reports answered, "
-              f"{s['dropped_at_worker']} dropped at the workers; latency p50 {lat['p50_us']:.0f} us, "
+              f"{s['dropped_at_worker']} dropped by the agents and their relay; latency p50 {lat['p50_us']:.0f} us, "
               f"p99 {lat['p99_us']:.0f} us, p99.9 {lat['p999_us']:.0f} us")
-    for label, costs in res["agent_report_cost"].items():
-        for ph, c in costs.items():
-            print(f"WorkerAgent.report_{ph} cost to the engine ({label}): p50 {c['p50_us']:.1f} us, "
-                  f"p99 {c['p99_us']:.1f} us")
-    print(f"daemon: {res['daemon']}")
+    t = res["agent_tight_loop"]
+    print(f"WorkerAgent.report_decode ({t['requests']} requests) in a tight loop: {t['median_us']:.1f} us per call "
+          f"(best round {t['min_us']:.1f} us)")
+    print("cost of one report to the engine's thread, us (wall p50 / p99 | CPU p50 | wall - CPU p50 / p99):")
+    for setting, by_label in res["agent_report_cost"].items():
+        print(f" {setting}:")
+        for label, costs in by_label.items():
+            for name, c in costs.items():
+                w, cp, b = c["wall"], c["cpu"], c["wall_minus_cpu"]
+                print(f"  {label:21s} {name:20s} {w['p50_us']:6.1f} / {w['p99_us']:6.1f} | {cp['p50_us']:6.1f} | "
+                      f"{b['p50_us']:6.1f} / {b['p99_us']:6.1f}")
+    print(f"daemon: {res['daemon']} (the reference sent {res['reference_reports_sent']} reports named after no "
+          f"instance: the daemon drops those)")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from dualscale._version import __version__
-from dualscale.control import DecodeController, DecodeDecision, PrefillController, PrefillDecision
-from dualscale.errors import ConfigError, DataError, DualscaleError, SolverError
-from dualscale.profile import Profile
+
+if TYPE_CHECKING:
+    from dualscale.control import DecodeController, DecodeDecision, PrefillController, PrefillDecision
+    from dualscale.errors import ConfigError, DataError, DualscaleError, SolverError
+    from dualscale.profile import Profile
+
+# Names are imported on first use, so a serving engine that only imports the worker agent
+# (dualscale.runtime.worker) does not load Numba and the controllers.
+_LAZY = {
+    "ConfigError": "dualscale.errors",
+    "DataError": "dualscale.errors",
+    "DecodeController": "dualscale.control",
+    "DecodeDecision": "dualscale.control",
+    "DualscaleError": "dualscale.errors",
+    "PrefillController": "dualscale.control",
+    "PrefillDecision": "dualscale.control",
+    "Profile": "dualscale.profile",
+    "SolverError": "dualscale.errors",
+}
 
 __all__ = [
     "ConfigError",
@@ -19,3 +38,9 @@ __all__ = [
     "SolverError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dualscale' has no attribute {name!r}")

@@ -7,11 +7,29 @@ wire protocol is in :mod:`dualscale.runtime.messages`.
 
 from __future__ import annotations
 
-from dualscale.runtime.actuator import Actuator, ActuatorState, EnergyMeter
-from dualscale.runtime.config import RuntimeConfig, load_runtime_config
-from dualscale.runtime.daemon import ControllerDaemon, DaemonState
-from dualscale.runtime.messages import PROTOCOL_VERSION
-from dualscale.runtime.worker import WorkerAgent
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dualscale.runtime.actuator import Actuator, ActuatorState, EnergyMeter
+    from dualscale.runtime.config import RuntimeConfig, load_runtime_config
+    from dualscale.runtime.daemon import ControllerDaemon, DaemonState
+    from dualscale.runtime.messages import PROTOCOL_VERSION
+    from dualscale.runtime.worker import WorkerAgent
+
+# Imported on first use: the worker agent (in the engine) and its relay must not pull in the
+# controllers (Numba) that only the daemon needs.
+_LAZY = {
+    "Actuator": "dualscale.runtime.actuator",
+    "ActuatorState": "dualscale.runtime.actuator",
+    "ControllerDaemon": "dualscale.runtime.daemon",
+    "DaemonState": "dualscale.runtime.daemon",
+    "EnergyMeter": "dualscale.runtime.actuator",
+    "PROTOCOL_VERSION": "dualscale.runtime.messages",
+    "RuntimeConfig": "dualscale.runtime.config",
+    "WorkerAgent": "dualscale.runtime.worker",
+    "load_runtime_config": "dualscale.runtime.config",
+}
 
 __all__ = [
     "Actuator",
@@ -24,3 +42,9 @@ __all__ = [
     "WorkerAgent",
     "load_runtime_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dualscale.runtime' has no attribute {name!r}")

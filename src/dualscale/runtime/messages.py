@@ -11,7 +11,8 @@ Framing (one ZeroMQ frame per message)::
 
 Sockets (all created by :func:`dualscale.runtime.transport.make_socket`)::
 
-    worker agent  PUSH ──reports──────────────> PULL   controller daemon (binds ``report_address``)
+    worker agent  ──frames──> shared-memory ring ──> report relay (a process beside the engine)
+    report relay  PUSH ──reports──────────────> PULL   controller daemon (binds ``report_address``)
     actuator      DEALER <─commands, heartbeats─ ROUTER controller daemon (binds ``actuator_address``)
                   (routing id = node name)  ──status──>
     subscribers   SUB <──────plan updates────── PUB    controller daemon (binds ``plan_address``)

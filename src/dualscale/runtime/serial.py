@@ -21,18 +21,25 @@ REASONS = ("malformed", "version", "type", "unknown_instance", "out_of_order", "
 
 
 class FrameEncoder:
-    """Encodes messages into frames, reusing one buffer (the caller sends it before the next encode)."""
+    """Encodes messages into frames, reusing one buffer (the caller sends it before the next encode).
 
-    def __init__(self) -> None:
+    Args:
+        reserve: bytes left free in front of each frame, for a caller's own header (the worker
+            agent's ring record header).
+    """
+
+    def __init__(self, reserve: int = 0) -> None:
         self._enc = msgspec.msgpack.Encoder()
         self._buf = bytearray(256)
+        self._at = reserve
 
     def encode(self, mtype: MsgType, msg: msgspec.Struct) -> bytearray:
-        """The frame of ``msg`` (valid until the next call: ZeroMQ copies it on send)."""
-        buf = self._buf
-        self._enc.encode_into(msg, buf, HEADER_BYTES)
-        buf[0] = PROTOCOL_VERSION
-        buf[1] = mtype
+        """``reserve`` bytes, then the frame of ``msg`` (valid until the next call: ZeroMQ copies it
+        on send)."""
+        buf, at = self._buf, self._at
+        self._enc.encode_into(msg, buf, at + HEADER_BYTES)
+        buf[at] = PROTOCOL_VERSION
+        buf[at + 1] = mtype
         return buf
 
 

@@ -2,13 +2,19 @@
 
 Call :meth:`WorkerAgent.report_prefill` (prefill instances) or :meth:`WorkerAgent.report_decode`
 (decode instances) once per iteration, right after scheduling it. The agent encodes the state and
-hands it to a ZeroMQ PUSH socket without waiting: it never blocks the engine beyond the encode and
-an enqueue (a few microseconds), and it never raises into the engine. When the controller is not
-connected or its queue is full, the report is dropped and counted (``dropped``); an unexpected
-error is counted too (``errors``) and logged once.
+writes it into a ring in shared memory: no system call, no thread to wake, so the engine's thread
+spends a few microseconds per report. A relay process beside the engine
+(:mod:`dualscale.runtime.relay`, started by the first agent of the process and shared by the
+others) polls the ring and forwards the reports to the controller daemon over ZeroMQ. Reporting
+never raises into the engine: a report that does not fit in the ring, or that the relay cannot
+hand to the controller (not connected, or not keeping up), is dropped and counted (``dropped``);
+bad input is counted too (``errors``) and logged once.
 
 The agent does not wait for an answer: the controller decides the clock for the next iteration
 while this one runs and sends it to the node's actuator directly.
+
+Create agents after the engine process has forked its workers (a forked child must not write into
+its parent's ring: it gets its own relay when it creates its own agents).
 
 Example::
 
@@ -22,30 +28,165 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import select
+import struct
+import subprocess
+import sys
+import threading
 import time
+import weakref
+from collections import deque
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import zmq
 from numpy.typing import ArrayLike
 
+from dualscale.errors import ConfigError
 from dualscale.runtime.messages import DecodeReport, MsgType, PrefillReport
+from dualscale.runtime.ring import DEFAULT_CAPACITY_BYTES, HEADER_BYTES, RingProducer, create_ring_fd
 from dualscale.runtime.serial import FrameEncoder
-from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLOUT, make_socket
 
 log = logging.getLogger("dualscale.runtime.worker")
 
-#: Reports queued per agent at most: a report older than a few iterations is worthless.
-WORKER_HWM = 16
+#: Seconds the first agent waits for its relay process to start (Python start-up on a busy host).
+RELAY_START_TIMEOUT_S = 30.0
+#: Seconds a closing relay gets to forward what is left before it is killed.
+RELAY_STOP_TIMEOUT_S = 2.0
+
+_SRC = str(Path(__file__).resolve().parents[2])
+_F8 = np.dtype("<f8")
+_I8 = np.dtype("<i8")
 
 
 def _f64(x: ArrayLike) -> bytes:
-    return np.ascontiguousarray(x, dtype="<f8").tobytes()
+    return np.ascontiguousarray(x, dtype=_F8).tobytes()
 
 
 def _i64(x: ArrayLike) -> bytes:
-    return np.ascontiguousarray(x, dtype="<i8").tobytes()
+    return np.ascontiguousarray(x, dtype=_I8).tobytes()
+
+
+class _Relay:
+    """A relay process and the ring it drains, shared by this process's agents for one address."""
+
+    def __init__(self, address: str, capacity_bytes: int) -> None:
+        fd = create_ring_fd(capacity_bytes)
+        status_r, status_w = os.pipe()
+        # the child must import this very package, wherever this process imported it from
+        boot = (f"import sys\nif {_SRC!r} not in sys.path: sys.path.insert(0, {_SRC!r})\n"
+                "from dualscale.runtime.relay import main\nsys.exit(main(sys.argv[1:]))")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", boot, "--fd", str(fd), "--address", address, "--parent-pid", str(os.getpid()),
+                 "--status-fd", str(status_w)],
+                pass_fds=(fd, status_w), stdin=subprocess.DEVNULL)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            os.close(status_w)
+        try:
+            status = self._read_status(status_r)
+        finally:
+            os.close(status_r)
+        if status != "ok":
+            self.proc.kill()
+            self.proc.wait()
+            os.close(fd)
+            raise ConfigError(f"{address}: the report relay did not start: {status}")
+        self.ring = RingProducer(fd)
+        self.tags: deque[int] = deque(range(self.ring.tags))
+        self.users = 0
+        self._final: bytes | None = None
+
+    def counters(self, tag: int) -> tuple[int, int]:
+        """(sent, dropped) the relay counted for ``tag`` (final once stopped)."""
+        if self._final is None:
+            return self.ring.counters(tag)
+        return struct.unpack_from("<QQ", self._final, 16 * tag)
+
+    def _read_status(self, fd: int) -> str:
+        deadline = time.monotonic() + RELAY_START_TIMEOUT_S
+        chunks = []
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([fd], [], [], left)[0]:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        else:
+            return f"no answer within {RELAY_START_TIMEOUT_S:.0f} s"
+        text = b"".join(chunks).decode(errors="replace")
+        return text or f"the relay exited with code {self.proc.wait()} (see its standard error)"
+
+    def stop(self) -> None:
+        """Let the relay forward what is left, then end it."""
+        self.ring.close_consumer()
+        try:
+            self.proc.wait(RELAY_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._final = self.ring.snapshot_counters()
+        self.ring.close()
+
+
+# One relay per (process, controller address); keyed by pid so a forked child never shares its parent's.
+_relays: dict[tuple[int, str], _Relay] = {}
+_relays_lock = threading.Lock()
+
+
+def _acquire(address: str) -> tuple[_Relay, int]:
+    with _relays_lock:
+        key = (os.getpid(), address)
+        relay = _relays.get(key)
+        if relay is None or relay.proc.poll() is not None:
+            relay = _relays[key] = _Relay(address, DEFAULT_CAPACITY_BYTES)
+        if not relay.tags:
+            raise ValueError(f"{address}: more than {relay.ring.tags} worker agents open at once in one process")
+        relay.users += 1
+        return relay, relay.tags.popleft()
+
+
+def _release(address: str, relay: _Relay, tag: int) -> None:
+    with _relays_lock:
+        relay.tags.append(tag)  # reused last: its reports still in the ring are counted before that
+        relay.users -= 1
+        if relay.users == 0:
+            if _relays.get((os.getpid(), address)) is relay:
+                del _relays[(os.getpid(), address)]
+            relay.stop()
+
+
+# Open agents, so that exit and fork can detach them from their rings.
+_agents: weakref.WeakSet[WorkerAgent] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_relays() -> None:
+    for agent in list(_agents):
+        agent._ring = None  # later reports (from threads still running) are counted as dropped
+    with _relays_lock:
+        mine = [k for k in _relays if k[0] == os.getpid()]
+        for k in mine:
+            _relays.pop(k).stop()
+
+
+def _after_fork_in_child() -> None:
+    # the parent's rings have one producer, the parent: a forked child's reports are dropped and
+    # counted; agents the child creates get the child's own relay
+    global _relays_lock
+    _relays_lock = threading.Lock()  # another thread may have held it at the fork
+    for agent in list(_agents):
+        agent._ring = None
+    _relays.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class WorkerAgent:
@@ -55,39 +196,64 @@ class WorkerAgent:
         address: the daemon's ``report_address`` (e.g. ``tcp://10.0.0.1:5600``).
         instance: this instance's name in the runtime config.
         phase: ``"prefill"`` or ``"decode"``.
-        hwm: reports queued at most before new ones are dropped.
-        ctx: ZeroMQ context (default: a private one, terminated by :meth:`close`).
 
-    Attributes:
-        sent: reports handed to the socket.
-        dropped: reports dropped because the controller is not connected or not keeping up.
-        errors: reports that failed to encode (bad input) or hit an unexpected socket error.
+    Raises:
+        ValueError: bad ``phase`` or ``instance``.
+        ConfigError: the relay could not start (e.g. a malformed address); the first agent of a
+            process for an address waits for its relay (a fraction of a second).
+
+    Counters (reports of this agent; the relay updates ``sent`` and part of ``dropped`` as it
+    forwards, so they trail the reports by up to a poll):
+        sent: reports handed to the controller's socket.
+        dropped: reports dropped: the ring was full or the agent closed, or the relay found the
+            controller not connected or not keeping up.
+        pending: reports in the ring, not yet forwarded or dropped.
+        errors: reports that failed: bad input, or an unexpected error (logged once).
     """
 
-    def __init__(self, address: str, instance: str, phase: Literal["prefill", "decode"], hwm: int = WORKER_HWM,
-                 ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+    def __init__(self, address: str, instance: str, phase: Literal["prefill", "decode"]) -> None:
         if phase not in ("prefill", "decode"):
             raise ValueError(f"phase = {phase!r}: must be 'prefill' or 'decode'")
         if not instance:
             raise ValueError("instance: must be a non-empty name")
         self.instance = instance
         self.phase = phase
+        self.address = address
         self.epoch = time.time_ns()
         self.seq = 0
-        self.sent = 0
-        self.dropped = 0
         self.errors = 0
+        self._queued = 0  # written into the ring
+        self._refused = 0  # not written: ring full, or closed
         self._warned = False
-        self._own_ctx = ctx is None
-        self._ctx = ctx if ctx is not None else zmq.Context(io_threads=1)
-        self._sock: zmq.Socket[bytes] | None = make_socket(self._ctx, zmq.PUSH, address, bind=False, hwm=hwm,
-                                                            immediate=True)
-        self._enc = FrameEncoder()
+        self._enc = FrameEncoder(reserve=HEADER_BYTES)
+        self._relay, self._tag = _acquire(address)
+        self._ring: RingProducer | None = self._relay.ring
+        self._base = self._relay.counters(self._tag)
+        self._final: tuple[int, int] | None = None
+        _agents.add(self)
+
+    def _relay_counts(self) -> tuple[int, int]:
+        if self._final is not None:
+            return self._final
+        s, d = self._relay.counters(self._tag)
+        return s - self._base[0], d - self._base[1]
+
+    @property
+    def sent(self) -> int:
+        return self._relay_counts()[0]
+
+    @property
+    def dropped(self) -> int:
+        return self._refused + self._relay_counts()[1]
+
+    @property
+    def pending(self) -> int:
+        return self._queued - sum(self._relay_counts())
 
     def report_prefill(self, now_s: float, arrival_s: ArrayLike, prompt_tokens: ArrayLike,
                        prefilled_tokens: ArrayLike, *, kv_util: float = 0.0, iteration_s: float = 0.0,
                        freq_mhz: int = 0) -> bool:
-        """Report the prefill waiting queue (FCFS). Returns True when handed to the socket.
+        """Report the prefill waiting queue (FCFS). Returns True when queued for the controller.
 
         Args:
             now_s: engine clock now (s), the clock of ``arrival_s``.
@@ -104,7 +270,7 @@ class WorkerAgent:
     def report_decode(self, now_s: float, first_token_s: ArrayLike, tokens_out: ArrayLike,
                       context_tokens: ArrayLike, *, kv_util: float = 0.0, iteration_s: float = 0.0,
                       freq_mhz: int = 0) -> bool:
-        """Report the running decode batch. Returns True when handed to the socket.
+        """Report the running decode batch. Returns True when queued for the controller.
 
         Args:
             now_s: engine clock now (s), the clock of ``first_token_s``.
@@ -123,24 +289,15 @@ class WorkerAgent:
             self.seq += 1
             msg = cls(self.instance, self.epoch, self.seq, time.monotonic_ns(), float(now_s), float(kv_util),
                       float(iteration_s), int(freq_mhz), _f64(times_s), _i64(tokens_a), _i64(tokens_b))
-            return self._send(mtype, msg)
+            record = self._enc.encode(mtype, msg)
+            ring = self._ring
+            if ring is not None and ring.push(record, self._tag):
+                self._queued += 1
+                return True
+            self._refused += 1
+            return False
         except Exception as e:  # never raise into the engine
             return self._error(e)
-
-    def _send(self, mtype: MsgType, msg: PrefillReport | DecodeReport) -> bool:
-        sock = self._sock
-        # not writable: no controller connected (IMMEDIATE) or its queue is full; asking is cheaper
-        # than raising zmq.Again
-        if sock is None or not sock.getsockopt(EVENTS) & POLLOUT:
-            self.dropped += 1
-            return False
-        try:
-            sock.send(self._enc.encode(mtype, msg), NOBLOCK, copy=True)
-        except zmq.Again:  # became full in between
-            self.dropped += 1
-            return False
-        self.sent += 1
-        return True
 
     def _error(self, e: Exception) -> bool:
         self.errors += 1
@@ -151,12 +308,13 @@ class WorkerAgent:
         return False
 
     def close(self) -> None:
-        """Close the socket (pending reports are discarded) and the private context."""
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-            if self._own_ctx:
-                self._ctx.term()
+        """Stop reporting. The last agent of the process for its address stops the relay, which
+        first forwards what is still in the ring."""
+        if self._ring is None:
+            return
+        self._ring = None
+        _release(self.address, self._relay, self._tag)
+        self._final = self._relay_counts()
 
     def __enter__(self) -> WorkerAgent:
         return self

@@ -1,0 +1,185 @@
+"""The shared-memory ring between worker agents and their relay."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import threading
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dualscale.runtime.ring import HEADER_BYTES, RingConsumer, RingProducer, create_ring_fd
+
+
+def make_ring(capacity_bytes: int = 1 << 12, tags: int = 4, checked: bool = True) -> tuple[RingProducer, RingConsumer]:
+    fd = create_ring_fd(capacity_bytes, tags, checked)
+    return RingProducer(fd), RingConsumer(os.dup(fd))
+
+
+def record(payload: bytes) -> bytearray:
+    return bytearray(HEADER_BYTES) + payload
+
+
+def drained(c: RingConsumer, limit: int = 1 << 30) -> list[tuple[int, bytes]]:
+    return [(tag, bytes(p)) for tag, p in c.drain(limit)]
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("push"), st.integers(0, 1500), st.integers(0, 3)),
+    st.tuples(st.just("drain"), st.integers(1, 5), st.just(0)),
+), max_size=120)
+
+
+@pytest.mark.parametrize("checked", [True, False])
+@given(seq=ops)
+def test_records_come_out_whole_in_order_and_a_full_ring_refuses(checked, seq):
+    p, c = make_ring(checked=checked)
+    expected: list[tuple[int, bytes]] = []  # pushed, not yet drained
+    n = 0
+    for op, a, b in seq:
+        if op == "push":
+            n += 1
+            payload = bytes([n % 251]) * a
+            if p.push(record(payload), b):
+                expected.append((b, payload))
+            else:
+                # refused only for lack of room: once everything is drained it fits
+                got = drained(c)
+                assert got == expected
+                expected = []
+                assert p.push(record(payload), b)
+                expected.append((b, payload))
+        else:
+            got = drained(c, a)
+            assert got == expected[:a]
+            expected = expected[a:]
+    assert drained(c) == expected
+
+
+def test_oversized_and_malformed_records_are_refused_not_written():
+    p, c = make_ring(1 << 12)
+    assert not p.push(record(bytes(1 << 12)), 0)
+    assert not p.push(bytearray(3), 0)  # shorter than the header
+    assert drained(c) == []
+
+
+def test_a_record_not_fully_visible_is_left_for_the_next_drain():
+    """What a weakly ordered CPU may show a checked ring's consumer: the head published before the
+    record's bytes."""
+    p, c = make_ring(checked=True)
+    assert p.push(record(b"first"), 1) and p.push(record(b"second" * 10), 2)
+    at = c.data + HEADER_BYTES + 16  # second record's header starts after the first (16 + 16 bytes)
+    for offset in (at + HEADER_BYTES + 7, at + 12, at + 4):  # payload byte, position, length
+        saved = c.mm[offset]
+        c.mm[offset] = saved ^ 0x5A
+        assert drained(c) == ([(1, b"first")] if offset == at + HEADER_BYTES + 7 else [])
+        c.mm[offset] = saved
+    assert drained(c) == [(2, b"second" * 10)]
+    assert drained(c) == []
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_a_stale_skip_marker_is_not_followed(checked):
+    p, c = make_ring(1 << 12, checked=checked)
+    big = bytes(1500)
+    for _ in range(2):
+        assert p.push(record(big), 0)
+    assert len(drained(c)) == 2
+    # the next record does not fit before the end: the producer writes a skip marker first
+    assert p.push(record(big), 3)
+    skip_at = c.data + 2 * (HEADER_BYTES + 1504)
+    saved = bytes(c.mm[skip_at:skip_at + HEADER_BYTES])
+    c.mm[skip_at + 12:skip_at + 16] = struct.pack("<I", 7)  # position from another lap
+    assert drained(c) == []
+    c.mm[skip_at:skip_at + HEADER_BYTES] = saved
+    assert drained(c) == [(3, big)]
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_threads_share_a_producer(checked):
+    p, c = make_ring(1 << 16, checked=checked)
+    per_thread = 400
+    got: list[tuple[int, bytes]] = []
+
+    def produce(tag: int) -> None:
+        i = 0
+        while i < per_thread:
+            if p.push(record(struct.pack("<II", tag, i) * (1 + i % 20)), tag):
+                i += 1
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads) or len(got) < 4 * per_thread:
+        got += drained(c)
+    for t in threads:
+        t.join()
+    for tag in range(4):
+        mine = [struct.unpack_from("<II", x) for t, x in got if t == tag]
+        assert mine == [(tag, i) for i in range(per_thread)]
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_another_process_produces_while_this_one_drains(checked):
+    fd = create_ring_fd(1 << 14, checked=checked)
+    c = RingConsumer(os.dup(fd))
+    count = 3000
+    code = (
+        "import sys, struct\n"
+        "from dualscale.runtime.ring import RingProducer, HEADER_BYTES\n"
+        "p = RingProducer(int(sys.argv[1]))\n"
+        "i = 0\n"
+        f"while i < {count}:\n"
+        "    if p.push(bytearray(HEADER_BYTES) + struct.pack('<I', i) * (1 + i % 50), i % 7):\n"
+        "        i += 1\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(fd)], pass_fds=(fd,))
+    os.close(fd)
+    got: list[tuple[int, bytes]] = []
+    while proc.poll() is None or len(got) < count:
+        got += drained(c)
+        if proc.poll() not in (None, 0):
+            break
+    assert proc.wait(60) == 0
+    assert len(got) == count
+    for i, (tag, payload) in enumerate(got):
+        assert tag == i % 7 and payload == struct.pack("<I", i) * (1 + i % 50)
+
+
+def test_bad_geometry_and_non_rings_are_named():
+    with pytest.raises(ValueError, match="capacity_bytes = 5000"):
+        create_ring_fd(5000)
+    with pytest.raises(ValueError, match="tags = 0"):
+        create_ring_fd(1 << 12, tags=0)
+    r, w = os.pipe()
+    os.close(w)
+    with pytest.raises(ValueError, match="not a ring"):
+        RingConsumer(r)
+    os.close(r)
+    fd = os.memfd_create("not-a-ring")
+    os.ftruncate(fd, 1 << 13)
+    with pytest.raises(ValueError, match="bad magic"):
+        RingProducer(fd)
+    os.close(fd)
+
+
+def test_checking_is_on_where_stores_may_be_reordered():
+    import platform
+
+    from dualscale.runtime.ring import CHECKED_DEFAULT
+
+    assert CHECKED_DEFAULT == (platform.machine() not in ("x86_64", "AMD64", "i386", "i686"))
+    assert make_ring(checked=False)[1].checked is False and make_ring(checked=True)[1].checked is True
+
+
+def test_counters_are_written_by_the_consumer_and_read_by_the_producer():
+    p, c = make_ring()
+    c.count(2, 5, 1)
+    c.count(2, 1, 3)
+    assert p.counters(2) == (6, 4) and p.counters(1) == (0, 0)
+    snap = p.snapshot_counters()
+    assert struct.unpack_from("<QQ", snap, 32) == (6, 4)
