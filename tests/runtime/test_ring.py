@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from hypothesis import given
@@ -183,3 +184,40 @@ def test_counters_are_written_by_the_consumer_and_read_by_the_producer():
     assert p.counters(2) == (6, 4) and p.counters(1) == (0, 0)
     snap = p.snapshot_counters()
     assert struct.unpack_from("<QQ", snap, 32) == (6, 4)
+
+
+def test_the_relay_forwards_in_order_and_gets_past_a_record_that_never_becomes_whole(tmp_path, monkeypatch):
+    import zmq
+
+    from dualscale.runtime import relay as relay_mod
+
+    monkeypatch.setattr(relay_mod, "STUCK_S", 0.05)
+    p, c = make_ring(1 << 14, checked=True)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(f"ipc://{tmp_path}/r")
+    push = relay_mod.make_socket(ctx, zmq.PUSH, f"ipc://{tmp_path}/r", bind=False, immediate=True)
+    try:
+        while not push.getsockopt(zmq.EVENTS) & zmq.POLLOUT:  # connected
+            pull.poll(10)
+        assert p.push(record(b"A" * 40), 1) and p.push(record(b"B" * 40), 2)
+        bad = c.data + 2 * HEADER_BYTES + 48 + 5  # a payload byte of B: B never checks out
+        c.mm[bad] ^= 0xFF
+        t = threading.Thread(target=relay_mod.relay, args=(c, push, os.getppid(), 1e-3))
+        t.start()
+        assert pull.poll(5000) and pull.recv() == b"A" * 40
+        assert not pull.poll(20)  # B is held back: not whole
+        deadline = time.monotonic() + 5
+        while p.discarded_bytes == 0 and time.monotonic() < deadline:
+            pull.poll(10)
+        assert p.discarded_bytes == HEADER_BYTES + 48  # B, and only B, was skipped
+        assert p.push(record(b"C" * 7), 3)
+        assert pull.poll(5000) and pull.recv() == b"C" * 7
+        p.close_consumer()
+        t.join(5)
+        assert not t.is_alive()
+        assert p.counters(1) == (1, 0) and p.counters(2) == (0, 0) and p.counters(3) == (1, 0)
+    finally:
+        push.close(0)
+        pull.close(0)
+        ctx.term()

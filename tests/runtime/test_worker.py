@@ -59,6 +59,7 @@ class Controller:
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(address)
+        self.address = self.pull.getsockopt(zmq.LAST_ENDPOINT).decode()  # the port, for tcp://...:0
         self.dec = FrameDecoder((MsgType.PREFILL_REPORT, MsgType.DECODE_REPORT))
 
     def received(self, timeout_ms: int = 50) -> list:
@@ -91,8 +92,10 @@ def connected(agent: WorkerAgent, ctl: Controller) -> list:
     raise AssertionError("no report reached the controller")
 
 
-def test_reports_reach_a_controller_in_order(tmp_path, controller):
-    agent = WorkerAgent(f"ipc://{tmp_path}/r", "p0", "prefill")
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_reports_reach_a_controller_in_order(tmp_path, transport):
+    controller = Controller(f"ipc://{tmp_path}/r" if transport == "ipc" else "tcp://127.0.0.1:0")
+    agent = WorkerAgent(controller.address, "p0", "prefill")
     try:
         got = connected(agent, controller)
         for i in range(3):
@@ -113,6 +116,7 @@ def test_reports_reach_a_controller_in_order(tmp_path, controller):
         assert agent.sent == len(got) and agent.sent + agent.dropped == agent.seq
     finally:
         agent.close()
+        controller.close()
 
 
 def test_agents_of_a_process_share_one_relay_which_drains_before_it_stops(tmp_path, controller):

@@ -34,6 +34,10 @@ IDLE_POLL_S = 1e-3
 #: Reports queued for the controller at most (all agents of the engine process together): a report
 #: older than a few iterations is worthless, and the controller decides on each instance's newest.
 DEFAULT_HWM = 256
+#: Seconds a record may stay incomplete (published but not whole) before the backlog is discarded:
+#: a store becomes visible in nanoseconds, so this only happens after a bug or outside interference,
+#: and without it the ring would stay blocked (every later report dropped) for good.
+STUCK_S = 1.0
 #: Seconds between checks that the engine process is still there.
 PARENT_CHECK_S = 0.2
 
@@ -41,6 +45,7 @@ PARENT_CHECK_S = 0.2
 def relay(ring: RingConsumer, sock: zmq.Socket[bytes], parent_pid: int, poll_s: float = DEFAULT_POLL_S) -> None:
     """Forward until the producer asks to close (after draining) or the parent process is gone."""
     checked = last_item = time.monotonic()
+    stuck_since: float | None = None
     while True:
         items = ring.drain(256)
         for tag, frame in items:
@@ -56,9 +61,18 @@ def relay(ring: RingConsumer, sock: zmq.Socket[bytes], parent_pid: int, poll_s: 
         now = time.monotonic()
         if items:
             last_item = now
+            stuck_since = None
             continue
         if ring.closing:
             return
+        if ring.backlog_bytes:  # published, yet nothing whole to read
+            stuck_since = stuck_since or now
+            if now - stuck_since > STUCK_S:
+                print(f"dualscale relay: a report in the ring stayed incomplete for {STUCK_S:.0f} s; "
+                      f"discarded {ring.discard()} bytes of reports to unblock it", file=sys.stderr)
+                stuck_since = None
+        else:
+            stuck_since = None
         if now - checked > PARENT_CHECK_S:
             checked = now
             if os.getppid() != parent_pid:

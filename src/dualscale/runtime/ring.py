@@ -10,6 +10,7 @@ Layout (one shared mapping; positions are byte counts that only grow, the index 
     64     head (u64)     written only by the producer: end of the last published record
     128    tail (u64)     written only by the consumer: start of the first unread record
     192    closing (u64)  producer -> consumer: drain and exit
+    200    discarded (u64) bytes the consumer skipped over (a record that never became whole)
     256    per tag: sent (u64), dropped (u64)   written only by the consumer (the relay)
     DATA   records: header (u32 check, u32 length, u32 tag, u32 position) + payload, 16-byte
            aligned; check = CRC-32 of the record with the check field zero (0 when unchecked); a
@@ -44,7 +45,7 @@ DEFAULT_TAGS = 1024
 #: Whether records carry a CRC by default: only where the CPU may reorder stores (see above).
 CHECKED_DEFAULT = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
 
-_HEAD, _TAIL, _CLOSING, _COUNTERS = 64, 128, 192, 256
+_HEAD, _TAIL, _CLOSING, _DISCARDED, _COUNTERS = 64, 128, 192, 200, 256
 #: Bytes a producer reserves in front of each payload for the record header.
 HEADER_BYTES = 16
 _REC = struct.Struct("<IIII")  # check, length, tag, position (low 32 bits)
@@ -79,6 +80,11 @@ class _Ring:
     def counters(self, tag: int) -> tuple[int, int]:
         """(sent, dropped) the consumer counted for ``tag``."""
         return struct.unpack_from("<QQ", self.mm, _COUNTERS + 16 * tag)
+
+    @property
+    def discarded_bytes(self) -> int:
+        """Bytes the consumer skipped over (see :meth:`RingConsumer.discard`)."""
+        return _U64.unpack_from(self.mm, _DISCARDED)[0]
 
     def snapshot_counters(self) -> bytes:
         """Every tag's (sent, dropped) as packed u64 pairs (to read after the ring is closed)."""
@@ -216,6 +222,21 @@ class RingConsumer(_Ring):
             self._tail = tail
             _U64.pack_into(mm, _TAIL, tail)
         return out
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes published and not yet drained."""
+        return _U64.unpack_from(self.mm, _HEAD)[0] - self._tail
+
+    def discard(self) -> int:
+        """Skip everything published so far (the way out of a record that never becomes whole, which
+        only a bug or outside interference can cause); returns the bytes skipped."""
+        head = _U64.unpack_from(self.mm, _HEAD)[0]
+        skipped = head - self._tail
+        self._tail = head
+        _U64.pack_into(self.mm, _DISCARDED, _U64.unpack_from(self.mm, _DISCARDED)[0] + skipped)
+        _U64.pack_into(self.mm, _TAIL, head)
+        return skipped
 
     def count(self, tag: int, sent: int, dropped: int) -> None:
         """Add to ``tag``'s counters (read by the producer's side)."""
