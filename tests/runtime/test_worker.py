@@ -136,24 +136,86 @@ def test_agents_of_a_process_share_one_relay_which_drains_before_it_stops(tmp_pa
     assert b.sent == len(got) and b.pending == 0
 
 
-def test_a_dead_relay_fills_the_ring_then_drops_are_counted_and_a_new_agent_restarts_it(tmp_path):
-    address = f"ipc://{tmp_path}/nobody"
-    agent = WorkerAgent(address, "d0", "decode")
-    agent._relay.proc.kill()
-    agent._relay.proc.wait()
-    queued = 0
-    while agent.report_decode(1.0, [0.5] * 64, [3] * 64, [300] * 64):
-        queued += 1
-    assert queued > 100  # the ring took reports until full
-    for _ in range(10):
-        assert agent.report_decode(1.0, [0.5] * 64, [3] * 64, [300] * 64) is False
-    assert agent.dropped == 11 and agent.errors == 0 and agent.pending == queued
-    other = WorkerAgent(address, "d1", "decode")
+def test_a_dead_relay_is_replaced_on_the_same_ring_once_it_fills(tmp_path, controller):
+    agent = WorkerAgent(controller.address, "d0", "decode")
     try:
-        assert other._relay is not agent._relay and other._relay.proc.poll() is None
+        connected(agent, controller)
+        old = agent._relay.proc
+        old.kill()
+        old.wait()
+        big = ([0.5] * 64, [3] * 64, [300] * 64)
+        queued = 0
+        while agent.report_decode(1.0, *big):  # nobody drains: the ring fills
+            queued += 1
+        assert queued > 100
+        # that refusal started a new relay in the background: it forwards the backlog, then new reports
+        assert wait_until(lambda: agent._relay.proc is not old and agent._relay.proc.poll() is None)
+        assert wait_until(lambda: agent.pending == 0)
+        assert agent.report_decode(2.0, [0.5], [3], [300])
+        got = []
+        assert wait_until(lambda: bool(got.extend(controller.received(10))) or any(r.now_s == 2.0 for r in got))
+        assert agent.errors == 0 and agent.sent + agent.dropped == agent.seq
+        # an agent created while the relay is dead restarts it before it returns
+        agent._relay.proc.kill()
+        agent._relay.proc.wait()
+        with WorkerAgent(controller.address, "d1", "decode") as other:
+            assert other._relay is agent._relay and other._relay.proc.poll() is None
     finally:
-        other.close()
         agent.close()
+
+
+def test_close_waits_for_the_relay_so_counters_are_final(tmp_path, controller):
+    a = WorkerAgent(controller.address, "d0", "decode")
+    b = WorkerAgent(controller.address, "d1", "decode")  # keeps the relay going past a.close()
+    try:
+        connected(a, controller)
+        for i in range(300):
+            a.report_decode(10.0 + i, [9.0] * 32, [3] * 32, [300] * 32)
+        a.close()
+        assert a.pending == 0 and a.sent + a.dropped == a.seq
+        assert b._relay.proc.poll() is None
+    finally:
+        b.close()
+
+
+def test_an_agent_dropped_without_close_gives_its_place_back(tmp_path):
+    import gc
+
+    a = WorkerAgent(f"ipc://{tmp_path}/nobody", "d0", "decode")
+    relay = a._relay
+    del a
+    gc.collect()
+    assert relay.proc.returncode == 0  # the last user gone: the relay was stopped
+
+
+def test_the_start_up_status_is_one_line_read_without_waiting_for_end_of_file():
+    """A process forked while the relay starts may hold the status pipe open: the newline ends it."""
+    from dualscale.runtime.worker import _read_status
+
+    r, w = os.pipe()
+    os.write(w, b"ok\n")
+    t = time.monotonic()
+    assert _read_status(r, None) == "ok"  # w is still open
+    assert time.monotonic() - t < 1.0
+    os.close(r)
+    os.close(w)
+
+
+def test_more_than_1024_descriptors_in_the_engine_are_fine(tmp_path):
+    code = (
+        "import os, resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))\n"
+        "held = [os.open('/dev/null', os.O_RDONLY) for _ in range(1100)]\n"
+        "from dualscale.runtime.worker import WorkerAgent\n"
+        f"with WorkerAgent('ipc://{tmp_path}/nobody', 'd0', 'decode') as a:\n"
+        "    assert a.report_decode(1.0, [0.5], [3], [300])\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if "not permitted" in out.stderr or "ValueError: not allowed" in out.stderr:
+        pytest.skip("cannot raise the descriptor limit here")
+    assert out.stdout.strip() == "ok", out.stderr
 
 
 def test_a_forked_child_never_writes_into_its_parents_ring(tmp_path, controller):

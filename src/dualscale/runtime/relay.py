@@ -68,8 +68,12 @@ def relay(ring: RingConsumer, sock: zmq.Socket[bytes], parent_pid: int, poll_s: 
         if ring.backlog_bytes:  # published, yet nothing whole to read
             stuck_since = stuck_since or now
             if now - stuck_since > STUCK_S:
-                print(f"dualscale relay: a report in the ring stayed incomplete for {STUCK_S:.0f} s; "
-                      f"discarded {ring.discard()} bytes of reports to unblock it", file=sys.stderr)
+                tag = ring.discard_stuck()
+                if tag is not None:
+                    ring.count(tag, 0, 1)
+                print(f"dualscale relay: a report in the ring stayed incomplete for {STUCK_S:g} s; skipped "
+                      f"{'it' if tag is not None else 'everything queued (its header is unreadable)'}",
+                      file=sys.stderr)
                 stuck_since = None
         else:
             stuck_since = None
@@ -86,7 +90,9 @@ def _status(fd: int | None, text: str) -> None:
             print(f"dualscale relay: {text}", file=sys.stderr)
         return
     with os.fdopen(fd, "w") as f:
-        f.write(text)
+        # one line: the engine stops reading at the newline (a process forked meanwhile may hold
+        # the pipe open, so end of file could come much later)
+        f.write(" ".join(text.split()) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     # Ctrl-C in a terminal reaches the whole process group: the engine decides when the relay stops
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(os, "SCHED_BATCH"):
+    try:
         # a batch task never preempts the task it wakes beside (the engine's thread, on a busy core)
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or a sandbox that refuses: run as a normal task
+        pass
     try:
         ring = RingConsumer(args.fd)
         ctx = zmq.Context(io_threads=1)

@@ -10,11 +10,12 @@ Layout (one shared mapping; positions are byte counts that only grow, the index 
     64     head (u64)     written only by the producer: end of the last published record
     128    tail (u64)     written only by the consumer: start of the first unread record
     192    closing (u64)  producer -> consumer: drain and exit
-    200    discarded (u64) bytes the consumer skipped over (a record that never became whole)
+    200    discarded (u64) bytes the consumer skipped over (records that never became whole)
     256    per tag: sent (u64), dropped (u64)   written only by the consumer (the relay)
-    DATA   records: header (u32 check, u32 length, u32 tag, u32 position) + payload, 16-byte
-           aligned; check = CRC-32 of the record with the check field zero (0 when unchecked); a
-           length of 0xFFFFFFFF means "skip to the start" (a record never wraps)
+    DATA   records: header (u32 check, u32 length, u32 tag, u32 position) + payload, padded to
+           16 bytes; check = CRC-32 of the record with the check field zero (0 when unchecked). A
+           header never straddles the end (positions are multiples of 16); a payload may, and
+           continues at the start, so any record up to the capacity fits in an empty ring.
 
 There is one producer at a time (:class:`RingProducer` serialises threads with a lock) and one
 consumer. Python gives no memory barriers. On x86-64 none is needed (stores become visible in
@@ -42,8 +43,9 @@ MAGIC = b"DSRING01"
 DEFAULT_CAPACITY_BYTES = 1 << 20
 #: Tags (one per worker agent sharing the ring) with their own counters.
 DEFAULT_TAGS = 1024
-#: Whether records carry a CRC by default: only where the CPU may reorder stores (see above).
-CHECKED_DEFAULT = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
+#: Whether records carry a CRC by default: only where the CPU may reorder stores (see above; 32-bit
+#: x86 is checked too: its 8-byte head and tail stores are not atomic).
+CHECKED_DEFAULT = platform.machine().lower() not in ("x86_64", "amd64")
 
 _HEAD, _TAIL, _CLOSING, _DISCARDED, _COUNTERS = 64, 128, 192, 200, 256
 #: Bytes a producer reserves in front of each payload for the record header.
@@ -51,7 +53,6 @@ HEADER_BYTES = 16
 _REC = struct.Struct("<IIII")  # check, length, tag, position (low 32 bits)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_SKIP = 0xFFFFFFFF
 _MASK32 = 0xFFFFFFFF
 _ZERO_CHECK = zlib.crc32(bytes(4))  # CRC state after a zeroed check field: the consumer resumes from it
 
@@ -68,7 +69,8 @@ class _Ring:
         if size < 4096:
             raise ValueError(f"ring fd {fd}: {size} bytes is not a ring (too small)")
         self.fd = fd
-        self.mm = mmap.mmap(fd, size)
+        # populate the page tables now: no report pays a first-touch page fault
+        self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         magic = self.mm[:8]
         if magic != MAGIC:
             self.mm.close()
@@ -110,8 +112,6 @@ def create_ring_fd(capacity_bytes: int = DEFAULT_CAPACITY_BYTES, tags: int = DEF
         with mmap.mmap(fd, size) as mm:
             mm[:8] = MAGIC
             struct.pack_into("<QQQ", mm, 8, capacity_bytes, tags, int(checked))
-            # touch every page now, so no report pays a first-touch page fault
-            mm[_data_offset(tags):] = bytes(capacity_bytes)
     except BaseException:
         os.close(fd)
         raise
@@ -136,40 +136,36 @@ class RingProducer(_Ring):
 
     def push(self, record: bytearray, tag: int) -> bool:
         """Append one record: ``record`` is :data:`HEADER_BYTES` reserved bytes (overwritten here)
-        followed by the payload. False (nothing written) when the ring has no room for it."""
+        followed by the payload. False (nothing written) when the ring has no room for it now (or
+        ever: larger than the capacity, or a tag out of range)."""
         n = len(record) - HEADER_BYTES
         size = HEADER_BYTES + ((n + 15) & ~15)
         cap = self.capacity
-        if n < 0 or size > cap:
+        if n < 0 or size > cap or not 0 <= tag < self.tags:
             return False
         mm = self.mm
         lock = self._lock
         lock.acquire()
         try:
             head = self._head
-            idx = head & (cap - 1)
-            end = cap - idx
-            need = size if size <= end else end + size
-            if need > self._free:
+            if size > self._free:
                 # reading the consumer's cache line costs a transfer between cores: only when short
                 self._free = cap - (head - _U64.unpack_from(mm, _TAIL)[0])
-                if need > self._free:
+                if size > self._free:
                     return False
-            if size > end:  # no room before the end: mark the rest as skipped, start over at 0
-                skip = bytearray(HEADER_BYTES)
-                _REC.pack_into(skip, 0, 0, _SKIP, 0, head & _MASK32)
-                if self.checked:
-                    _U32.pack_into(skip, 0, zlib.crc32(skip))
-                mm[self.data + idx:self.data + idx + HEADER_BYTES] = skip
-                head += end
-                idx = 0
             _REC.pack_into(record, 0, 0, n, tag, head & _MASK32)
             if self.checked:
                 _U32.pack_into(record, 0, zlib.crc32(record))
+            idx = head & (cap - 1)
             at = self.data + idx
-            mm[at:at + len(record)] = record
+            first = cap - idx  # bytes before the end (>= 16: the header always fits)
+            if len(record) <= first:
+                mm[at:at + len(record)] = record
+            else:
+                mm[at:at + first] = memoryview(record)[:first]
+                mm[self.data:self.data + len(record) - first] = memoryview(record)[first:]
             self._head = head + size
-            self._free -= need
+            self._free -= size
             _U64.pack_into(mm, _HEAD, head + size)
         finally:
             lock.release()
@@ -196,47 +192,61 @@ class RingConsumer(_Ring):
 
         Stops early at a record that is not fully visible yet (it is read on a later call).
         """
-        mm, cap, data, checked = self.mm, self.capacity, self.data, self.checked
-        head = _U64.unpack_from(mm, _HEAD)[0]
+        head = _U64.unpack_from(self.mm, _HEAD)[0]
         tail = self._tail
         out: list[tuple[int, memoryview]] = []
         while tail < head and len(out) < limit:
-            idx = tail & (cap - 1)
-            at = data + idx
-            check, n, tag, pos32 = _REC.unpack_from(mm, at)
-            if pos32 != tail & _MASK32:
-                break  # header not visible yet (or left from the previous lap)
-            if n == _SKIP:
-                if checked and zlib.crc32(mm[at + 4:at + HEADER_BYTES], _ZERO_CHECK) != check:
-                    break
-                tail += cap - idx
-                continue
-            if n > cap - idx - HEADER_BYTES or tag >= self.tags:
-                break  # torn header, not fully visible yet
-            body = mm[at + 4:at + HEADER_BYTES + n]  # a copy: the space is freed below
-            if checked and zlib.crc32(body, _ZERO_CHECK) != check:
-                break  # payload not visible yet
-            out.append((tag, memoryview(body)[HEADER_BYTES - 4:]))
-            tail += HEADER_BYTES + ((n + 15) & ~15)
+            got = self._read(tail, head)
+            if got is None:
+                break
+            out.append(got[:2])
+            tail = got[2]
+        self._publish(tail)
+        return out
+
+    def _read(self, tail: int, head: int) -> tuple[int, memoryview, int] | None:
+        """(tag, payload, next position) of the record at ``tail``, or None while it is not whole."""
+        mm, cap, data = self.mm, self.capacity, self.data
+        idx = tail & (cap - 1)
+        at = data + idx
+        check, n, tag, pos32 = _REC.unpack_from(mm, at)
+        size = HEADER_BYTES + ((n + 15) & ~15)
+        if pos32 != tail & _MASK32 or tag >= self.tags or size > head - tail:
+            return None  # header not visible yet (or left from an earlier lap)
+        first = cap - idx - 4  # the record's bytes after the check field, before the end
+        body = mm[at + 4:at + HEADER_BYTES + n]  # a copy: the space is freed once read
+        if len(body) < HEADER_BYTES - 4 + n:  # wraps: the rest is at the start
+            body += mm[data:data + HEADER_BYTES - 4 + n - first]
+        if self.checked and zlib.crc32(body, _ZERO_CHECK) != check:
+            return None  # payload not visible yet
+        return tag, memoryview(body)[HEADER_BYTES - 4:], tail + size
+
+    def _publish(self, tail: int) -> None:
         if tail != self._tail:
             self._tail = tail
-            _U64.pack_into(mm, _TAIL, tail)
-        return out
+            _U64.pack_into(self.mm, _TAIL, tail)
 
     @property
     def backlog_bytes(self) -> int:
         """Bytes published and not yet drained."""
         return _U64.unpack_from(self.mm, _HEAD)[0] - self._tail
 
-    def discard(self) -> int:
-        """Skip everything published so far (the way out of a record that never becomes whole, which
-        only a bug or outside interference can cause); returns the bytes skipped."""
+    def discard_stuck(self) -> int | None:
+        """Skip the first unread record, which never became whole (only a bug or outside
+        interference can cause that; stores become visible in nanoseconds). Returns its tag, to
+        count it as dropped, or None when its header is unreadable too: then everything published
+        so far is skipped (the next record cannot be found). Skipped bytes are counted."""
         head = _U64.unpack_from(self.mm, _HEAD)[0]
-        skipped = head - self._tail
-        self._tail = head
-        _U64.pack_into(self.mm, _DISCARDED, _U64.unpack_from(self.mm, _DISCARDED)[0] + skipped)
-        _U64.pack_into(self.mm, _TAIL, head)
-        return skipped
+        tail = self._tail
+        if tail >= head:
+            return None
+        _check, n, tag, pos32 = _REC.unpack_from(self.mm, self.data + (tail & (self.capacity - 1)))
+        size = HEADER_BYTES + ((n + 15) & ~15)
+        whole = pos32 == tail & _MASK32 and tag < self.tags and size <= head - tail
+        nxt = tail + size if whole else head
+        _U64.pack_into(self.mm, _DISCARDED, _U64.unpack_from(self.mm, _DISCARDED)[0] + nxt - tail)
+        self._publish(nxt)
+        return tag if whole else None
 
     def count(self, tag: int, sent: int, dropped: int) -> None:
         """Add to ``tag``'s counters (read by the producer's side)."""

@@ -71,57 +71,84 @@ def _i64(x: ArrayLike) -> bytes:
 
 
 class _Relay:
-    """A relay process and the ring it drains, shared by this process's agents for one address."""
+    """A relay process and the ring it drains, shared by this process's agents for one address.
+
+    The ring belongs to this process: a relay that died is replaced by a new process on the same
+    ring, which carries on from where the last one stopped (its position and counters are in the
+    ring).
+    """
 
     def __init__(self, address: str, capacity_bytes: int) -> None:
-        fd = create_ring_fd(capacity_bytes)
+        self.address = address
+        self.ring = RingProducer(create_ring_fd(capacity_bytes))
+        try:
+            self.proc = self._spawn()
+        except BaseException:
+            self.ring.close()
+            raise
+        self.tags: deque[int] = deque(range(self.ring.tags))
+        self.users = 0
+        self._final: bytes | None = None
+        self._respawning = threading.Lock()
+        self.next_check_s = 0.0  # when an agent whose report was refused may next check on the relay
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """Start a relay process on the ring; raises ConfigError with its reason when it does not start."""
+        fd = self.ring.fd
         status_r, status_w = os.pipe()
         # the child must import this very package, wherever this process imported it from
         boot = (f"import sys\nif {_SRC!r} not in sys.path: sys.path.insert(0, {_SRC!r})\n"
                 "from dualscale.runtime.relay import main\nsys.exit(main(sys.argv[1:]))")
+        proc = None
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", boot, "--fd", str(fd), "--address", address, "--parent-pid", str(os.getpid()),
-                 "--status-fd", str(status_w)],
-                pass_fds=(fd, status_w), stdin=subprocess.DEVNULL)
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", boot, "--fd", str(fd), "--address", self.address,
+                     "--parent-pid", str(os.getpid()), "--status-fd", str(status_w)],
+                    pass_fds=(fd, status_w), stdin=subprocess.DEVNULL)
+            finally:
+                os.close(status_w)
+            status = _read_status(status_r, proc)
         except BaseException:
-            os.close(fd)
+            if proc is not None:
+                proc.kill()
+                proc.wait()
             raise
-        finally:
-            os.close(status_w)
-        try:
-            status = self._read_status(status_r)
         finally:
             os.close(status_r)
         if status != "ok":
-            self.proc.kill()
-            self.proc.wait()
-            os.close(fd)
-            raise ConfigError(f"{address}: the report relay did not start: {status}")
-        self.ring = RingProducer(fd)
-        self.tags: deque[int] = deque(range(self.ring.tags))
-        self.users = 0
-        self._final: bytes | None = None
+            proc.kill()
+            proc.wait()
+            raise ConfigError(f"{self.address}: the report relay did not start: {status}")
+        return proc
+
+    def check_soon(self) -> None:
+        """Called when a report was refused (the ring is full): if the relay died, start another in
+        the background (the engine's thread does not wait for it)."""
+        self.next_check_s = time.monotonic() + 1.0
+        if self.proc.poll() is None or not self._respawning.acquire(blocking=False):
+            return
+        threading.Thread(target=self._respawn, name="dualscale-relay-respawn", daemon=True).start()
+
+    def _respawn(self) -> None:
+        try:
+            with _relays_lock:
+                if self._final is not None or self.proc.poll() is None:
+                    return  # stopped meanwhile, or already replaced
+                log.warning("report relay for %s exited with code %s; starting another on the same ring",
+                            self.address, self.proc.returncode)
+                self.proc = self._spawn()
+        except Exception as e:
+            log.error("report relay for %s: could not restart it (%s); reports are dropped and counted",
+                      self.address, e)
+        finally:
+            self._respawning.release()
 
     def counters(self, tag: int) -> tuple[int, int]:
         """(sent, dropped) the relay counted for ``tag`` (final once stopped)."""
         if self._final is None:
             return self.ring.counters(tag)
         return struct.unpack_from("<QQ", self._final, 16 * tag)
-
-    def _read_status(self, fd: int) -> str:
-        deadline = time.monotonic() + RELAY_START_TIMEOUT_S
-        chunks = []
-        while (left := deadline - time.monotonic()) > 0:
-            if select.select([fd], [], [], left)[0]:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        else:
-            return f"no answer within {RELAY_START_TIMEOUT_S:.0f} s"
-        text = b"".join(chunks).decode(errors="replace")
-        return text or f"the relay exited with code {self.proc.wait()} (see its standard error)"
 
     def stop(self) -> None:
         """Let the relay forward what is left, then end it."""
@@ -135,6 +162,25 @@ class _Relay:
         self.ring.close()
 
 
+def _read_status(fd: int, proc: subprocess.Popen[bytes]) -> str:
+    """The relay's one-line start-up status ("ok" or why not)."""
+    poller = select.poll()  # not select.select: an engine may hold more than 1024 descriptors
+    poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + RELAY_START_TIMEOUT_S
+    text = b""
+    while b"\n" not in text:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"no answer within {RELAY_START_TIMEOUT_S:.0f} s"
+        if poller.poll(left * 1000):
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            text += chunk
+    line = text.split(b"\n", 1)[0].decode(errors="replace")
+    return line or f"the relay exited with code {proc.wait()} (see its standard error)"
+
+
 # One relay per (process, controller address); keyed by pid so a forked child never shares its parent's.
 _relays: dict[tuple[int, str], _Relay] = {}
 _relays_lock = threading.Lock()
@@ -144,8 +190,10 @@ def _acquire(address: str) -> tuple[_Relay, int]:
     with _relays_lock:
         key = (os.getpid(), address)
         relay = _relays.get(key)
-        if relay is None or relay.proc.poll() is not None:
+        if relay is None:
             relay = _relays[key] = _Relay(address, DEFAULT_CAPACITY_BYTES)
+        elif relay.proc.poll() is not None:  # died: a new process carries on with the same ring
+            relay.proc = relay._spawn()
         if not relay.tags:
             raise ValueError(f"{address}: more than {relay.ring.tags} worker agents open at once in one process")
         relay.users += 1
@@ -169,7 +217,7 @@ _agents: weakref.WeakSet[WorkerAgent] = weakref.WeakSet()
 @atexit.register
 def _stop_relays() -> None:
     for agent in list(_agents):
-        agent._ring = None  # later reports (from threads still running) are counted as dropped
+        agent._detach()  # later reports (from threads still running) are counted as dropped
     with _relays_lock:
         mine = [k for k in _relays if k[0] == os.getpid()]
         for k in mine:
@@ -182,7 +230,7 @@ def _after_fork_in_child() -> None:
     global _relays_lock
     _relays_lock = threading.Lock()  # another thread may have held it at the fork
     for agent in list(_agents):
-        agent._ring = None
+        agent._detach()  # and never releases its place: that would stop the parent's relay
     _relays.clear()
 
 
@@ -198,7 +246,8 @@ class WorkerAgent:
         phase: ``"prefill"`` or ``"decode"``.
 
     Raises:
-        ValueError: bad ``phase`` or ``instance``.
+        ValueError: bad ``phase`` or ``instance``, or more than 1,024 agents open at once in one
+            process for one address.
         ConfigError: the relay could not start (e.g. a malformed address); the first agent of a
             process for an address waits for its relay (a fraction of a second).
 
@@ -230,6 +279,9 @@ class WorkerAgent:
         self._ring: RingProducer | None = self._relay.ring
         self._base = self._relay.counters(self._tag)
         self._final: tuple[int, int] | None = None
+        self._closed = False
+        # an agent dropped without close() still gives its place back
+        self._finalizer = weakref.finalize(self, _release, address, self._relay, self._tag)
         _agents.add(self)
 
     def _relay_counts(self) -> tuple[int, int]:
@@ -295,8 +347,13 @@ class WorkerAgent:
                 self._queued += 1
                 return True
             self._refused += 1
+            if ring is not None and time.monotonic() >= self._relay.next_check_s:
+                self._relay.check_soon()  # the ring is full: is the relay still there?
             return False
         except Exception as e:  # never raise into the engine
+            if self._ring is None:  # closed by another thread meanwhile
+                self._refused += 1
+                return False
             return self._error(e)
 
     def _error(self, e: Exception) -> bool:
@@ -308,12 +365,26 @@ class WorkerAgent:
         return False
 
     def close(self) -> None:
-        """Stop reporting. The last agent of the process for its address stops the relay, which
-        first forwards what is still in the ring."""
-        if self._ring is None:
+        """Stop reporting. Waits (up to a couple of seconds) until the relay has forwarded this
+        agent's reports, so the counters are final; the last agent of the process for its address
+        stops the relay."""
+        if self._closed:
             return
+        self._closed = True
         self._ring = None
-        _release(self.address, self._relay, self._tag)
+        relay = self._relay
+        if relay.users > 1:  # the relay goes on: wait for it to account for this agent's reports
+            deadline = time.monotonic() + RELAY_STOP_TIMEOUT_S
+            while self.pending > 0 and relay.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+        self._finalizer()  # gives the place back; the last one stops the relay after it drained
+        self._final = self._relay_counts()
+
+    def _detach(self) -> None:
+        """Stop reporting without touching the relay (at exit, and in a forked child)."""
+        self._ring = None
+        self._closed = True
+        self._finalizer.detach()
         self._final = self._relay_counts()
 
     def __enter__(self) -> WorkerAgent:
