@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from dualscale._lazy import lazy_getattr
 from dualscale._version import __version__
 
 if TYPE_CHECKING:
@@ -40,7 +40,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dualscale' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

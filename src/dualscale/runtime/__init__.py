@@ -7,8 +7,9 @@ wire protocol is in :mod:`dualscale.runtime.messages`.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dualscale._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from dualscale.runtime.actuator import Actuator, ActuatorState, EnergyMeter
@@ -44,7 +45,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dualscale.runtime' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
