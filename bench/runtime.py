@@ -50,7 +50,7 @@ from dualscale.runtime.messages import DecodeReport, MsgType, PrefillReport
 from dualscale.runtime.metrics import read_metrics
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
 from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLOUT, make_socket
-from dualscale.runtime.worker import WorkerAgent
+from dualscale.runtime.worker import WorkerAgent, _f64, _i64
 
 N_INSTANCES = 64
 RATE_HZ = 50.0
@@ -126,9 +126,7 @@ class DirectReporter:
     def report(self, instance: str, prefill: bool, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> bool:
         self.seq += 1
         cls, mtype = (PrefillReport, MsgType.PREFILL_REPORT) if prefill else (DecodeReport, MsgType.DECODE_REPORT)
-        msg = cls(instance, self.epoch, self.seq, time.monotonic_ns(), 1000.0, 0.3, 0.0, 0,
-                  np.ascontiguousarray(x, "<f8").tobytes(), np.ascontiguousarray(y, "<i8").tobytes(),
-                  np.ascontiguousarray(z, "<i8").tobytes())
+        msg = cls(instance, self.epoch, self.seq, time.monotonic_ns(), 1000.0, 0.3, 0.0, 0, _f64(x), _i64(y), _i64(z))
         if not self.sock.getsockopt(EVENTS) & POLLOUT:
             return False
         try:

@@ -84,11 +84,7 @@ def relay(ring: RingConsumer, sock: zmq.Socket[bytes], parent_pid: int, poll_s: 
         time.sleep(poll_s if now - last_item < IDLE_AFTER_S else max(poll_s, IDLE_POLL_S))
 
 
-def _status(fd: int | None, text: str) -> None:
-    if fd is None:
-        if text != "ok":
-            print(f"dualscale relay: {text}", file=sys.stderr)
-        return
+def _status(fd: int, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         # one line: the engine stops reading at the newline (a process forked meanwhile may hold
         # the pipe open, so end of file could come much later)
@@ -101,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fd", type=int, required=True, help="the ring's file descriptor (inherited)")
     p.add_argument("--address", required=True, help="the controller's report address")
     p.add_argument("--parent-pid", type=int, required=True, help="exit when this process is gone")
-    p.add_argument("--poll-s", type=float, default=DEFAULT_POLL_S, help="seconds between polls of an empty ring")
-    p.add_argument("--hwm", type=int, default=DEFAULT_HWM, help="reports queued for the controller at most")
-    p.add_argument("--status-fd", type=int, help="write 'ok' or the start-up error here, then close it")
+    p.add_argument("--status-fd", type=int, required=True, help="write 'ok' or the start-up error here, then close it")
     args = p.parse_args(argv)
     # Ctrl-C in a terminal reaches the whole process group: the engine decides when the relay stops
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -115,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ring = RingConsumer(args.fd)
         ctx = zmq.Context(io_threads=1)
-        sock = make_socket(ctx, zmq.PUSH, args.address, bind=False, hwm=args.hwm, immediate=True)
+        sock = make_socket(ctx, zmq.PUSH, args.address, bind=False, hwm=DEFAULT_HWM, immediate=True)
     except Exception as e:
         _status(args.status_fd, f"{type(e).__name__}: {e}")
         return 1
     _status(args.status_fd, "ok")
     try:
-        relay(ring, sock, args.parent_pid, args.poll_s)
+        relay(ring, sock, args.parent_pid)
     finally:
         sock.close(linger=0)
         ctx.term()

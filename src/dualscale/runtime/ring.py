@@ -78,23 +78,27 @@ class _Ring:
         self.capacity, self.tags, checked = struct.unpack_from("<QQQ", self.mm, 8)
         self.checked = bool(checked)
         self.data = _data_offset(self.tags)
+        self._counts: mmap.mmap | bytes = self.mm  # where the counters are read: a copy once closed
 
     def counters(self, tag: int) -> tuple[int, int]:
-        """(sent, dropped) the consumer counted for ``tag``."""
-        return struct.unpack_from("<QQ", self.mm, _COUNTERS + 16 * tag)
+        """(sent, dropped) the consumer counted for ``tag`` (the last values once closed)."""
+        return struct.unpack_from("<QQ", self._counts, _COUNTERS + 16 * tag)
 
     @property
     def discarded_bytes(self) -> int:
-        """Bytes the consumer skipped over (see :meth:`RingConsumer.discard`)."""
-        return _U64.unpack_from(self.mm, _DISCARDED)[0]
+        """Bytes the consumer skipped over (see :meth:`RingConsumer.discard_stuck`)."""
+        return _U64.unpack_from(self._counts, _DISCARDED)[0]
 
-    def snapshot_counters(self) -> bytes:
-        """Every tag's (sent, dropped) as packed u64 pairs (to read after the ring is closed)."""
-        return self.mm[_COUNTERS:_COUNTERS + 16 * self.tags]
+    @property
+    def closed(self) -> bool:
+        return self.mm.closed
 
     def close(self) -> None:
-        self.mm.close()
-        os.close(self.fd)
+        """Unmap and close the descriptor; the counters stay readable."""
+        if not self.mm.closed:
+            self._counts = self.mm[:self.data]
+            self.mm.close()
+            os.close(self.fd)
 
 
 def create_ring_fd(capacity_bytes: int = DEFAULT_CAPACITY_BYTES, tags: int = DEFAULT_TAGS,
@@ -204,15 +208,24 @@ class RingConsumer(_Ring):
         self._publish(tail)
         return out
 
+    def _header(self, tail: int, head: int) -> tuple[int, int, int, int] | None:
+        """(check, length, tag, size) of the record at ``tail``, or None while its header is not
+        visible yet (or is one left from an earlier lap)."""
+        check, n, tag, pos32 = _REC.unpack_from(self.mm, self.data + (tail & (self.capacity - 1)))
+        size = HEADER_BYTES + ((n + 15) & ~15)
+        if pos32 != tail & _MASK32 or tag >= self.tags or size > head - tail:
+            return None
+        return check, n, tag, size
+
     def _read(self, tail: int, head: int) -> tuple[int, memoryview, int] | None:
         """(tag, payload, next position) of the record at ``tail``, or None while it is not whole."""
+        header = self._header(tail, head)
+        if header is None:
+            return None
+        check, n, tag, size = header
         mm, cap, data = self.mm, self.capacity, self.data
         idx = tail & (cap - 1)
         at = data + idx
-        check, n, tag, pos32 = _REC.unpack_from(mm, at)
-        size = HEADER_BYTES + ((n + 15) & ~15)
-        if pos32 != tail & _MASK32 or tag >= self.tags or size > head - tail:
-            return None  # header not visible yet (or left from an earlier lap)
         first = cap - idx - 4  # the record's bytes after the check field, before the end
         body = mm[at + 4:at + HEADER_BYTES + n]  # a copy: the space is freed once read
         if len(body) < HEADER_BYTES - 4 + n:  # wraps: the rest is at the start
@@ -240,13 +253,11 @@ class RingConsumer(_Ring):
         tail = self._tail
         if tail >= head:
             return None
-        _check, n, tag, pos32 = _REC.unpack_from(self.mm, self.data + (tail & (self.capacity - 1)))
-        size = HEADER_BYTES + ((n + 15) & ~15)
-        whole = pos32 == tail & _MASK32 and tag < self.tags and size <= head - tail
-        nxt = tail + size if whole else head
+        header = self._header(tail, head)
+        nxt = head if header is None else tail + header[3]
         _U64.pack_into(self.mm, _DISCARDED, _U64.unpack_from(self.mm, _DISCARDED)[0] + nxt - tail)
         self._publish(nxt)
-        return tag if whole else None
+        return None if header is None else header[2]
 
     def count(self, tag: int, sent: int, dropped: int) -> None:
         """Add to ``tag``'s counters (read by the producer's side)."""

@@ -33,7 +33,6 @@ import atexit
 import logging
 import os
 import select
-import struct
 import subprocess
 import sys
 import threading
@@ -87,9 +86,7 @@ class _Relay:
         except BaseException:
             self.ring.close()
             raise
-        self.tags: deque[int] = deque(range(self.ring.tags))
-        self.users = 0
-        self._final: bytes | None = None
+        self.tags: deque[int] = deque(range(self.ring.tags))  # free places: one per open agent
         self._respawning = threading.Lock()
         self.next_check_s = 0.0  # when an agent whose report was refused may next check on the relay
 
@@ -123,6 +120,19 @@ class _Relay:
             raise ConfigError(f"{self.address}: the report relay did not start: {status}")
         return proc
 
+    @property
+    def users(self) -> int:
+        """Agents using this relay."""
+        return self.ring.tags - len(self.tags)
+
+    def revive(self) -> None:
+        """If the relay process died, start another on the same ring (call under ``_relays_lock``)."""
+        if self.ring.closed or self.proc.poll() is None:
+            return  # stopped on purpose, or alive
+        log.warning("report relay for %s exited with code %s; starting another on the same ring",
+                    self.address, self.proc.returncode)
+        self.proc = self._spawn()
+
     def check_soon(self) -> None:
         """Called when a report was refused (the ring is full): if the relay died, start another in
         the background (the engine's thread does not wait for it)."""
@@ -134,22 +144,12 @@ class _Relay:
     def _respawn(self) -> None:
         try:
             with _relays_lock:
-                if self._final is not None or self.proc.poll() is None:
-                    return  # stopped meanwhile, or already replaced
-                log.warning("report relay for %s exited with code %s; starting another on the same ring",
-                            self.address, self.proc.returncode)
-                self.proc = self._spawn()
+                self.revive()
         except Exception as e:
             log.error("report relay for %s: could not restart it (%s); reports are dropped and counted",
                       self.address, e)
         finally:
             self._respawning.release()
-
-    def counters(self, tag: int) -> tuple[int, int]:
-        """(sent, dropped) the relay counted for ``tag`` (final once stopped)."""
-        if self._final is None:
-            return self.ring.counters(tag)
-        return struct.unpack_from("<QQ", self._final, 16 * tag)
 
     def stop(self) -> None:
         """Let the relay forward what is left, then end it."""
@@ -159,7 +159,6 @@ class _Relay:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self._final = self.ring.snapshot_counters()
         self.ring.close()
 
 
@@ -193,18 +192,16 @@ def _acquire(address: str) -> tuple[_Relay, int]:
         relay = _relays.get(key)
         if relay is None:
             relay = _relays[key] = _Relay(address, DEFAULT_CAPACITY_BYTES)
-        elif relay.proc.poll() is not None:  # died: a new process carries on with the same ring
-            relay.proc = relay._spawn()
+        else:
+            relay.revive()
         if not relay.tags:
             raise ValueError(f"{address}: more than {relay.ring.tags} worker agents open at once in one process")
-        relay.users += 1
         return relay, relay.tags.popleft()
 
 
 def _release(address: str, relay: _Relay, tag: int) -> None:
     with _relays_lock:
         relay.tags.append(tag)  # reused last: its reports still in the ring are counted before that
-        relay.users -= 1
         if relay.users == 0:
             if _relays.get((os.getpid(), address)) is relay:
                 del _relays[(os.getpid(), address)]
@@ -278,9 +275,8 @@ class WorkerAgent:
         self._enc = FrameEncoder(reserve=HEADER_BYTES)
         self._relay, self._tag = _acquire(address)
         self._ring: RingProducer | None = self._relay.ring
-        self._base = self._relay.counters(self._tag)
-        self._final: tuple[int, int] | None = None
-        self._closed = False
+        self._base = self._relay.ring.counters(self._tag)
+        self._final: tuple[int, int] | None = None  # this agent's counts once closed (its tag may be reused)
         # an agent dropped without close() still gives its place back
         self._finalizer = weakref.finalize(self, _release, address, self._relay, self._tag)
         _agents.add(self)
@@ -288,7 +284,7 @@ class WorkerAgent:
     def _relay_counts(self) -> tuple[int, int]:
         if self._final is not None:
             return self._final
-        s, d = self._relay.counters(self._tag)
+        s, d = self._relay.ring.counters(self._tag)
         return s - self._base[0], d - self._base[1]
 
     @property
@@ -369,9 +365,8 @@ class WorkerAgent:
         """Stop reporting. Waits (up to a couple of seconds) until the relay has forwarded this
         agent's reports, so the counters are final; the last agent of the process for its address
         stops the relay."""
-        if self._closed:
+        if self._ring is None:
             return
-        self._closed = True
         self._ring = None
         relay = self._relay
         if relay.users > 1:  # the relay goes on: wait for it to account for this agent's reports
@@ -384,7 +379,6 @@ class WorkerAgent:
     def _detach(self) -> None:
         """Stop reporting without touching the relay (at exit, and in a forked child)."""
         self._ring = None
-        self._closed = True
         self._finalizer.detach()
         self._final = self._relay_counts()
 
