@@ -1,7 +1,12 @@
-"""The fit: recovers a known profile from synthetic data, is deterministic, writes atomically.
+"""The fit: recovers a known profile from synthetic data, is well-posed, writes atomically.
 
-The real-data check (committed profile == fresh fit) runs only where the shared data folder sits
-beside the checkout; a fresh clone skips it.
+The real-data checks (the committed profile predicts what a fresh fit predicts; the real fit is
+stable) run only where the shared data folder sits beside the checkout; a fresh clone skips them.
+
+Tolerance of the comparisons between fits: 1e-3 relative (the issue's ceiling, 0.1 %). A
+well-posed fit converged to 1e-12 moves by far less than that between start points, row orders,
+BLAS kernels or library patch versions (measured: <= 2e-5 on coefficients), and rounding to 6
+significant digits adds <= 5e-7 per number; an unpinned coefficient moves by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import dataclasses
+
+import msgspec
+
 import dualscale
 from dualscale._files import write_atomic
 from dualscale.profile import datasets as ds
@@ -18,6 +27,65 @@ from dualscale.profile import fit
 
 CLOCKS = ds.AUTHORS_PROFILED_CLOCKS_MHZ
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data folder not beside the checkout")
+REL = 1e-3
+
+
+def _shuffled(inputs: fit.FitInputs, seed: int) -> fit.FitInputs:
+    """The same measurements with the rows of every table in another order."""
+    rng = np.random.default_rng(seed)
+    return dataclasses.replace(inputs, **{
+        name: getattr(inputs, name).take(rng.permutation(len(getattr(inputs, name))))
+        for name in ("prefill", "decode", "decode_top", "prefill_power")
+    })
+
+
+def _numbers(cfg) -> dict[str, float]:
+    """Every fitted number of a profile, by its path in the file."""
+    out: dict[str, float] = {}
+
+    def walk(x, path):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(x, float):
+            out[path] = x
+
+    walk(msgspec.to_builtins(cfg), "")
+    return out
+
+
+def _predictions(profile: dualscale.Profile) -> np.ndarray:
+    """Time and power per GPU on a grid: every TP, a spread of batch shapes, every supported clock."""
+    f = np.asarray(profile.clocks_mhz, dtype=np.float64)
+    rows = []
+    for tp in (2, 4, 8):
+        for chunks, prefix in (([64], None), ([2048], None), ([512] * 4, [0, 0, 3000, 9000]), ([8192], None)):
+            rows += [profile.prefill_time_s(tp, chunks, f, prefix), profile.prefill_power_w(tp, chunks, f, prefix)]
+        for n in (1, 16, 128, 512):
+            for ctx in (300, 4000):
+                rows += [profile.decode_time_s(tp, np.full(n, ctx), f), profile.decode_power_w(tp, np.full(n, ctx), f)]
+    return np.array(rows)
+
+
+def _assert_same_fit(a, b) -> None:
+    na, nb = _numbers(a), _numbers(b)
+    assert na.keys() == nb.keys()
+    off = {k: (na[k], nb[k]) for k in na if not np.isclose(na[k], nb[k], rtol=REL, atol=0.0)}
+    assert not off, f"coefficients differ by more than {REL:g} relative: {off}"
+    pa, pb = _predictions(dualscale.Profile(a)), _predictions(dualscale.Profile(b))
+    worst = float(np.max(np.abs(pa / pb - 1.0)))
+    assert worst <= REL, f"predictions differ by {worst:.3g} relative"
+
+
+def _assert_stable(inputs: fit.FitInputs, base) -> None:
+    """Refits from jittered start points (log-parameters moved by up to +/-0.5 and +/-1, i.e.
+    factors up to e) and with shuffled rows land on ``base``, the plain fit of ``inputs``."""
+    for inp, jitter, seed in ((inputs, 0.5, 1), (_shuffled(inputs, 2), 0.0, 2), (_shuffled(inputs, 3), 1.0, 3)):
+        _assert_same_fit(fit.fit(inp, start_jitter=jitter, seed=seed), base)
 
 
 def _synthetic(profile) -> fit.FitInputs:
@@ -91,9 +159,36 @@ def test_write_atomic_leaves_old_file_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == [out]
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared data folder not beside the checkout")
-def test_committed_profile_is_what_the_fit_produces():
-    from dualscale.config import builtin_config_dir
+def test_fit_is_stable_under_restarts_and_row_order(synthetic):
+    _assert_stable(synthetic, fit.fit(synthetic))
 
-    committed = (builtin_config_dir() / "profiles" / "h100-sxm-llama-3.3-70b.toml").read_bytes()
-    assert fit.to_toml(fit.fit(fit.load_inputs(DATA))) == committed
+
+@pytest.fixture(scope="module")
+def real_inputs():
+    return fit.load_inputs(DATA)
+
+
+@pytest.fixture(scope="module")
+def real_fit(real_inputs):
+    return fit.fit(real_inputs)
+
+
+@needs_data
+def test_real_fit_is_stable_under_restarts_and_row_order(real_inputs, real_fit):
+    _assert_stable(real_inputs, real_fit)
+
+
+@needs_data
+def test_stability_check_catches_an_unpinned_coefficient(real_inputs, monkeypatch):
+    """Without the prior, decode TP2's per-token time is not pinned by the real data (the issue's
+    1e-11 vs 2e-7 s): the check must see it."""
+    monkeypatch.setattr(fit, "PRIOR_WEIGHT", 0.0)
+    with pytest.raises(AssertionError, match="per_token_s"):
+        _assert_stable(real_inputs, fit.fit(real_inputs))
+
+
+@needs_data
+def test_committed_profile_predicts_what_the_fit_produces(real_fit):
+    """Compares what matters (every coefficient, and time and power on a grid), not the TOML's bytes."""
+    committed = dualscale.Profile.load("h100-sxm-llama-3.3-70b").config
+    _assert_same_fit(real_fit, committed)

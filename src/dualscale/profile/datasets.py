@@ -50,7 +50,10 @@ class Batches:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
     def subset(self, mask: NDArray[np.bool_]) -> Batches:
-        idx = np.flatnonzero(mask)
+        return self.take(np.flatnonzero(mask))
+
+    def take(self, idx: NDArray[np.int64]) -> Batches:
+        """The rows ``idx``, in that order."""
         parts = [self.batch(i) for i in idx]
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(p) for p in parts])
