@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -13,6 +14,9 @@ from dualscale._files import write_atomic
 from dualscale._version import __version__
 from dualscale.errors import DualscaleError
 from dualscale.runtime import cli as runtime_cli
+
+if TYPE_CHECKING:
+    from dualscale.sim.scenario import Scenario
 
 DEFAULT_PROFILE = "h100-sxm-llama-3.3-70b"
 DEFAULT_DATA = Path("../shared/data")
@@ -95,7 +99,12 @@ def _parser() -> argparse.ArgumentParser:
             "  dualscale simulate\n"
             "  dualscale simulate --trace azure-code --duration 600 --policy distserve --policy rules --json out.json\n"
             "  dualscale simulate --trace gamma --rate 20 --cv 1.41 --duration 300 --plots plots/\n"
-            "  dualscale simulate --load 0.5 --scaling downsample   # every second request, original timestamps"
+            "  dualscale simulate --load 0.5 --scaling downsample   # every second request, original timestamps\n"
+            "  dualscale simulate --latency-bias 0.2 --latency-noise 0.05   # GPUs 20 %% slower than the profile, noisy\n"
+            "  dualscale simulate --latency-bias 0.2 --no-correction        # ... with the online correction off\n\n"
+            "model error: the simulated GPUs follow the scenario's [truth] table (default: the profile itself);\n"
+            "the --latency-*/--power-*/--clock-shape-error/--power-cap-w/--switch-jitter options override it.\n"
+            "The controllers never see the truth, only each iteration's measured time, clock and power."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -117,6 +126,20 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", type=Path, metavar="PATH", help="write one summary record per policy here")
     sim.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots here")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    truth = sim.add_argument_group("ground truth (how the simulated GPUs differ from the profile)")
+    truth.add_argument("--latency-bias", type=float, metavar="F",
+                       help="every iteration F slower than the profile says, both phases (0.2 = 20 %%; -0.1 faster)")
+    truth.add_argument("--latency-noise", type=float, metavar="S",
+                       help="lognormal per-iteration time noise, sigma of the log (0.05 ~ 5 %%)")
+    truth.add_argument("--clock-shape-error", type=float, metavar="F",
+                       help="slowdown below the top clock F steeper (> 0) or flatter (< 0) than the profile's")
+    truth.add_argument("--power-bias", type=float, metavar="F", help="power F above the profile's, both phases")
+    truth.add_argument("--power-cap-w", type=float, metavar="W",
+                       help="per-GPU power cap: above it a GPU runs at the highest clock that fits")
+    truth.add_argument("--switch-jitter", type=float, metavar="J",
+                       help="each TP rank's clock switch delay drawn in delay x (1 +/- J); the slowest rank sets the pace")
+    sim.add_argument("--no-correction", action="store_true",
+                     help="controllers ignore measured iterations (no online model correction), for comparison")
 
     plan = sub.add_parser(
         "plan", help="coarse tier: instances, TP and baseline clocks for a load (goodput table + ILP)",
@@ -240,6 +263,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if any(r.met is False for r in results) else 0
 
 
+def _with_truth(scenario: Scenario, args: argparse.Namespace) -> Scenario:
+    """``scenario`` with the command line's ground-truth options and ``--no-correction`` applied."""
+    t = {k: v for k, v in (("latency_bias_prefill", args.latency_bias), ("latency_bias_decode", args.latency_bias),
+                           ("latency_noise", args.latency_noise), ("clock_shape_error", args.clock_shape_error),
+                           ("power_bias_prefill", args.power_bias), ("power_bias_decode", args.power_bias),
+                           ("power_cap_w", args.power_cap_w), ("switch_jitter", args.switch_jitter)) if v is not None}
+    raw = msgspec.to_builtins(scenario)
+    raw["truth"] |= t
+    if args.no_correction:
+        raw["control"]["online_correction"] = False
+    # through msgspec so command-line values get the same checks as the file's
+    return msgspec.convert(raw, type(scenario))
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -247,7 +284,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from dualscale.sim.run import build_trace, rescale, simulate
     from dualscale.sim.scenario import load_scenario
 
-    scenario = load_scenario(args.config if args.config is not None else args.scenario)
+    scenario = _with_truth(load_scenario(args.config if args.config is not None else args.scenario), args)
     changes = {k: v for k, v in (("name", args.trace), ("start_s", args.start), ("duration_s", args.duration),
                                  ("rate_per_s", args.rate), ("scaling", args.scaling), ("cv", args.cv),
                                  ("seed", args.seed)) if v is not None}

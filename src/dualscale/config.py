@@ -12,7 +12,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -101,3 +101,39 @@ def load_named(name_or_path: str | Path, type_: type[T], kind: str, what: str) -
         raise ConfigError(f"{what} {str(name_or_path)!r}: no such built-in {what} or file; "
                           f"built-in {what}s: {', '.join(builtin_names(kind)) or '(none found)'}")
     return load_toml(builtin, type_)
+
+
+# ---- settings shared by the simulator and the runtime (import-light: the actuator reads them) ----
+class _Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Slo(_Settings):
+    """Latency targets, judged per request."""
+
+    ttft_s: Annotated[float, msgspec.Meta(gt=0)] = 0.6
+    tpot_s: Annotated[float, msgspec.Meta(gt=0)] = 0.1
+    #: the percentile of TTFT and TPOT that must be within the SLO for the run to meet it
+    percentile: Annotated[float, msgspec.Meta(gt=0, le=100)] = 99.0
+
+
+class Control(_Settings):
+    """Fine-tier settings (``[control]`` of a scenario or a runtime config); every field reaches the
+    controllers through :func:`dualscale.control.make_controller`, in the simulator and the daemon."""
+
+    #: prefill batches the MPC projects from the queue
+    horizon: Annotated[int, msgspec.Meta(ge=1, le=24)] = 8
+    #: fraction of the SLO held back for clock-switch delays and model error
+    margin: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.05
+    #: KV-cache use at or above which the top clock is used
+    kv_guard: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
+    #: "qp" (MPC, default), "exact" (optimal plan), "greedy" (the paper's search) or "lowest"
+    #: (lowest clock meeting the next batch's deadlines, no horizon)
+    prefill_solver: Literal["qp", "exact", "greedy", "lowest"] = "qp"
+    #: "request" (each request's TPOT slack) or "tbt" (per-step target, the paper's proxy)
+    decode_slack: Literal["request", "tbt"] = "request"
+    #: decode clock objective among the clocks that fit the step budget (see DecodeController)
+    decode_objective: Literal["energy", "power"] = "power"
+    #: correct the latency/power predictions from measured iterations, with the top-clock safety
+    #: rule when a measurement exceeds the corrected prediction (see dualscale.control.correction)
+    online_correction: bool = True

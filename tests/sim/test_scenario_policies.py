@@ -65,7 +65,8 @@ def test_every_policy_returns_supported_clocks(profile, spec):
     assert pre.idle_mhz in supported and dec.idle_mhz in supported
     f = pre.clock(10.0, np.array([9.5, 9.9]), np.array([3000, 500]), np.array([0, 0]), 0.0)
     g = dec.clock(10.0, np.array([9.0, 9.8]), np.array([10, 3]), np.array([1200, 800]), 0.0)
-    dec.observe(0.02)
+    pre.observe(0.2, f, 400.0)
+    dec.observe(0.02, g, 400.0)
     assert f in supported and g in supported
     # at the KV guard every adaptive policy runs at its top clock
     if spec in ("dualscale", "lowest-feasible", "rules"):

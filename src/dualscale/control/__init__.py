@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dualscale.control.batching import BatchFormer
+from dualscale.control.correction import Correction
 from dualscale.control.decode import DecodeController, DecodeDecision
+from dualscale.control.factory import make_controller
 from dualscale.control.prefill import PrefillController, PrefillDecision
 from dualscale.control.qp import QpSettings, QpStatus
 
-__all__ = ["DecodeController", "DecodeDecision", "PrefillController", "PrefillDecision", "QpSettings", "QpStatus"]
+__all__ = ["BatchFormer", "Correction", "DecodeController", "DecodeDecision", "PrefillController", "PrefillDecision",
+           "QpSettings", "QpStatus", "make_controller"]

@@ -4,6 +4,10 @@ The step budget comes from the running requests' TPOT slack (or, with ``slack="t
 per-step target the paper uses as a proxy); the clock is the least-energy one whose predicted step
 time fits it, which avoids the wrong side of the U-shaped energy-vs-clock curve that "lowest
 feasible clock" can land on (DESIGN.md, "Decode decision").
+
+After each step, :meth:`DecodeController.observe` feeds back what was measured; the controller
+then plans with corrected step times and falls back to the top clock when a measurement exceeds
+its prediction (``dualscale.control.correction``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dualscale import _validate as v
 from dualscale._kernels import perf_model as pm
 from dualscale._kernels import slack as sk
 from dualscale.control._clocks import resolve_clocks
+from dualscale.control.correction import Correction, model_time_at
 from dualscale.profile import Profile
 
 Slack = Literal["request", "tbt"]
@@ -68,7 +73,7 @@ class DecodeController:
     def __init__(self, profile: Profile, tp: int, tpot_slo_s: float, margin: float = 0.05,
                  kv_guard: float = 0.9, clocks_mhz: Sequence[int] | NDArray[np.integer] | None = None,
                  idle_freq_mhz: int | None = None, slack: Slack = "request",
-                 objective: Objective = "energy") -> None:
+                 objective: Objective = "energy", online_correction: bool = True) -> None:
         if not isinstance(profile, Profile):
             raise TypeError(f"profile: expected a dualscale.Profile, got {type(profile).__name__}")
         tp = v.whole("tp", tp, 1)
@@ -87,7 +92,12 @@ class DecodeController:
         self.slack: Slack = slack
         self.clocks_mhz, self.idle_freq_mhz = resolve_clocks(profile, clocks_mhz, idle_freq_mhz)
         self._clock_list = self.clocks_mhz.tolist()
-        self._coef = profile.coefficients("decode", tp)
+        self._model_coef = profile.coefficients("decode", tp)
+        self._coef = self._model_coef.copy()  # the model's, time terms scaled by the correction
+        self.online_correction = bool(online_correction)
+        #: what the controller has learnt from :meth:`observe`
+        self.correction = Correction()
+        self._decided_factor = 0.0  # time factor of the last decision; 0: nothing to learn from
         self._table = np.ascontiguousarray(profile.clock_table("decode", tp, self.clocks_mhz))
         self._out = np.empty((2, self.clocks_mhz.size))
         self._params = np.zeros(sk.N_PARAMS)
@@ -98,6 +108,7 @@ class DecodeController:
         pm.warm_up()
         sk.warm_up()
         self.decide(1.0, [0.5], [3], [100])
+        self._decided_factor = 0.0
 
     def __repr__(self) -> str:
         return (f"DecodeController(profile={self.profile.name!r}, tp={self.tp}, tpot_slo_s={self.tpot_slo_s}, "
@@ -124,6 +135,7 @@ class DecodeController:
         out_tok = v.counts("tokens_out", tokens_out, n, "first_token_s")
         ctx = v.counts("context_tokens", context_tokens, n, "first_token_s")
         if n == 0:
+            self._decided_factor = 0.0
             return DecodeDecision(self.idle_freq_mhz, 0.0, 0.0, True, float("inf"))
         code, i = sk.check_batch(now, first, out_tok, ctx)
         if code != sk.BATCH_OK:
@@ -137,13 +149,31 @@ class DecodeController:
         self._params[sk.D_NOW_S] = now
         j, budget = sk.choose(first, out_tok, ctx, self._params, self._coef, self._table, self._out)
         feasible = j >= 0
-        if not feasible or kv >= self.kv_guard:
+        if self.correction.take_hold() or not feasible or kv >= self.kv_guard:
             j = self.clocks_mhz.size - 1
+        self._decided_factor = self.correction.time_factor
         t = float(self._out[pm.O_TIME_S, j])
         return DecodeDecision(
             freq_mhz=self._clock_list[j],
             step_time_s=t,
-            energy_j=self.tp * float(self._out[pm.O_POWER_W, j]) * t,
+            energy_j=self.tp * float(self._out[pm.O_POWER_W, j]) * t * self.correction.power_factor,
             feasible=bool(feasible),
             budget_s=float(budget),
         )
+
+    def observe(self, iteration_s: float, freq_mhz: float, power_w: float = 0.0) -> None:
+        """Feed back the step that ran the batch of the last :meth:`decide`.
+
+        Args:
+            iteration_s: its measured time (s).
+            freq_mhz: the SM clock in effect while it ran, as read back (MHz); 0 when unknown or
+                when the clock changed during the step (then nothing is learnt).
+            power_w: its measured power per GPU (W); 0 when unknown.
+        """
+        factor, self._decided_factor = self._decided_factor, 0.0
+        if not self.online_correction or factor == 0.0 or not freq_mhz > 0:
+            return
+        model_s = model_time_at(self.clocks_mhz, self._out[pm.O_TIME_S], freq_mhz) / factor
+        model_w = model_time_at(self.clocks_mhz, self._out[pm.O_POWER_W], freq_mhz) if power_w > 0 else 0.0
+        if self.correction.observe(float(iteration_s), model_s, float(power_w), model_w):
+            self.correction.apply(self._model_coef, self._coef)

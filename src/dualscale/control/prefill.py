@@ -9,6 +9,13 @@ first clock is applied; the next call re-plans. Three solvers share that problem
              improved discretely; feasible by construction, near-optimal in energy.
 ``"exact"``  Pareto dynamic program: the least-energy plan, exactly (the oracle).
 ``"greedy"`` the paper's level-by-level search from the all-top plan (the baseline).
+``"lowest"`` the lowest clock at which every request completing in the next batch meets its
+             deadline, no horizon (throttLL'eM-style): a batch in which no request completes (a
+             chunk of a long prompt) runs at the lowest clock, the weakness a horizon removes.
+
+After each iteration, :meth:`PrefillController.observe` feeds back what was measured; the
+controller then plans with corrected times and falls back to the top clock when a measurement
+exceeds its prediction (``dualscale.control.correction``).
 """
 
 from __future__ import annotations
@@ -25,11 +32,12 @@ from dualscale import _validate as v
 from dualscale._kernels import mpc
 from dualscale._kernels import perf_model as pm
 from dualscale.control._clocks import resolve_clocks
+from dualscale.control.correction import Correction, model_time_at
 from dualscale.control.qp import QpResult, QpSettings, QpSolver, QpStatus, a_nnz
 from dualscale.profile import Profile
 
-Solver = Literal["qp", "exact", "greedy"]
-SOLVERS: tuple[Solver, ...] = ("qp", "exact", "greedy")
+Solver = Literal["qp", "exact", "greedy", "lowest"]
+SOLVERS: tuple[Solver, ...] = ("qp", "exact", "greedy", "lowest")
 
 #: Largest horizon accepted: the greedy search enumerates 2**horizon subsets per level.
 MAX_HORIZON = 24
@@ -69,15 +77,16 @@ class PrefillController:
         kv_guard: KV-cache use (fraction) at or above which the top clock is used, in (0, 1].
         clocks_mhz: clocks to choose from; ``None`` is every supported clock of the profile.
         idle_freq_mhz: clock returned for an empty queue; ``None`` is the lowest of the set.
-        solver: ``"qp"`` (default), ``"exact"`` or ``"greedy"`` (see the module docstring).
+        solver: ``"qp"`` (default), ``"exact"``, ``"greedy"`` or ``"lowest"`` (see the module docstring).
         qp_settings: OSQP settings for ``solver="qp"``.
+        online_correction: learn from :meth:`observe` (default); False ignores the feedback.
     """
 
     def __init__(self, profile: Profile, tp: int, ttft_slo_s: float, horizon: int = 8,
                  max_batch_tokens: int = 2048, margin: float = 0.05, kv_guard: float = 0.9,
                  clocks_mhz: Sequence[int] | NDArray[np.integer] | None = None,
                  idle_freq_mhz: int | None = None, solver: Solver = "qp",
-                 qp_settings: QpSettings | None = None) -> None:
+                 qp_settings: QpSettings | None = None, online_correction: bool = True) -> None:
         if not isinstance(profile, Profile):
             raise TypeError(f"profile: expected a dualscale.Profile, got {type(profile).__name__}")
         tp = v.whole("tp", tp, 1)
@@ -96,8 +105,13 @@ class PrefillController:
         self.clocks_mhz, self.idle_freq_mhz = resolve_clocks(profile, clocks_mhz, idle_freq_mhz)
 
         k, n_clocks = self.horizon, self.clocks_mhz.size
-        self._coef = profile.coefficients("prefill", tp)
+        self._model_coef = profile.coefficients("prefill", tp)
+        self._coef = self._model_coef.copy()  # the model's, time terms scaled by the correction
         self._table = np.ascontiguousarray(profile.clock_table("prefill", tp, self.clocks_mhz))
+        self.online_correction = bool(online_correction)
+        #: what the controller has learnt from :meth:`observe`
+        self.correction = Correction()
+        self._decided_factor = 0.0  # time factor of the last decision; 0: nothing to learn from
         self._params = np.zeros(mpc.N_PARAMS)
         self._params[mpc.P_TTFT_SLO_S] = self.ttft_slo_s
         self._params[mpc.P_MARGIN] = self.margin
@@ -147,6 +161,7 @@ class PrefillController:
         self.decide(1.0, [0.5, 0.9], [self.max_batch_tokens + 7, 300])
         if self._qp is not None:  # the warm-up's solution must not seed the first real decision
             self._qp.reset_warm_start()
+        self._decided_factor = 0.0
 
     # ---- the decision ------------------------------------------------------------------------
     def _queue(self, now_s: float, arrival_s: ArrayLike, prompt_tokens: ArrayLike,
@@ -192,6 +207,7 @@ class PrefillController:
         arrival, tokens = self._queue(now, arrival_s, prompt_tokens, prefilled_tokens)
         n_req = arrival.shape[0]
         if n_req == 0:
+            self._decided_factor = 0.0
             return PrefillDecision(self.idle_freq_mhz, (), 0.0, 0.0, True, ())
         self._params[mpc.P_NOW_S] = now
         if n_req > self._done_batch.shape[0]:
@@ -205,25 +221,54 @@ class PrefillController:
         top = self.clocks_mhz.size - 1
         self.last_qp = None
         self.last_osqp_s = 0.0
-        if kv >= self.kv_guard:
+        hold = self.correction.take_hold()
+        if kv >= self.kv_guard or hold:
             plan[:n] = top
             energy, _ = mpc.plan_cost(self._tables, self._budget_s, n, plan)
         else:
             energy = self._solve(n)
+        self._decided_factor = self.correction.time_factor
         plan_mhz = tuple(self.clocks_mhz[plan[:n]].tolist())
         return PrefillDecision(
             freq_mhz=plan_mhz[0],
             plan_mhz=plan_mhz,
             batch_time_s=float(self._tables[mpc.TB_TIME_S, 0, plan[0]]),
-            energy_j=float(energy),
+            energy_j=float(energy) * self.correction.power_factor,
             feasible=relaxed == 0,
             batch_tokens=tuple(self._batch_tokens[:n].tolist()),
         )
+
+    def observe(self, iteration_s: float, freq_mhz: float, power_w: float = 0.0) -> None:
+        """Feed back the iteration that ran the batch of the last :meth:`decide`.
+
+        Args:
+            iteration_s: its measured time (s).
+            freq_mhz: the SM clock in effect while it ran, as read back (MHz); 0 when unknown or
+                when the clock changed during the iteration (then nothing is learnt).
+            power_w: its measured power per GPU (W); 0 when unknown.
+        """
+        factor, self._decided_factor = self._decided_factor, 0.0
+        if not self.online_correction or factor == 0.0 or not freq_mhz > 0:
+            return
+        times = self._tables[mpc.TB_TIME_S, 0]
+        model_s = model_time_at(self.clocks_mhz, times, freq_mhz) / factor
+        model_w = 0.0
+        if power_w > 0 and model_s > 0:
+            model_w = model_time_at(self.clocks_mhz, self._tables[mpc.TB_ENERGY_J, 0], freq_mhz) / (
+                self.tp * model_s * factor)
+        if self.correction.observe(float(iteration_s), model_s, float(power_w), model_w):
+            self.correction.apply(self._model_coef, self._coef)
 
     def _solve(self, n: int) -> float:
         t, b, plan = self._tables, self._budget_s, self._plan
         if self.solver == "greedy":
             return mpc.solve_greedy(t, b, n, plan)
+        if self.solver == "lowest":
+            # the next batch alone; its budget is already relaxed to the top clock's completion
+            fits = np.flatnonzero(t[mpc.TB_TIME_S, 0] <= b[0] + mpc.TOL_S)
+            plan[0] = fits[0] if fits.size else self.clocks_mhz.size - 1
+            plan[1:n] = plan[0]
+            return mpc.plan_cost(t, b, n, plan)[0]
         mpc.frontier(t, n, self._order, self._n_front)
         # no deadline binds: every batch at its own least-energy clock is optimal, no search needed
         energy, ok = mpc.cheapest_plan(t, b, n, self._order, self._n_front, plan)

@@ -49,6 +49,33 @@ def interp_curves(cr: ClockResponse, freq_mhz: NDArray[np.float64], phase: Phase
     return table
 
 
+class GridEvaluator:
+    """Time and power of batches of one (phase, TP) on every supported clock, with no input checks:
+    the fast path for a simulator that builds its batches itself (``Profile.evaluator``).
+
+    ``prefill``/``decode`` write into and return one (2, F) array (reused across calls): row
+    :attr:`TIME_S` is seconds, row :attr:`POWER_W` is W per GPU, column k is ``clocks_mhz[k]``.
+    Token arrays must be int64 and >= 1 (chunks, contexts) or >= 0 (prefixes).
+    """
+
+    TIME_S = pm.O_TIME_S
+    POWER_W = pm.O_POWER_W
+
+    def __init__(self, profile: Profile, phase: Phase, tp: int) -> None:
+        self.clocks_mhz = profile.clocks_mhz
+        self._coef = profile.coefficients(phase, tp)
+        self._table = profile.clock_table(phase, tp)
+        self.out = np.empty((2, self.clocks_mhz.size))
+
+    def prefill(self, chunk_tokens: NDArray[np.int64], prefix_tokens: NDArray[np.int64]) -> NDArray[np.float64]:
+        pm.prefill_grid(chunk_tokens, prefix_tokens, self._coef, self._table, self.out)
+        return self.out
+
+    def decode(self, context_tokens: NDArray[np.int64]) -> NDArray[np.float64]:
+        pm.decode_grid(context_tokens, self._coef, self._table, self.out)
+        return self.out
+
+
 class Profile:
     """Latency and power model of one (GPU, model) pair. Load with :meth:`Profile.load`.
 
@@ -136,6 +163,13 @@ class Profile:
         if np.all(idx == np.round(idx)):
             return np.ascontiguousarray(self._grid_tables[(phase, tp)][:, idx.astype(np.int64)])
         return interp_curves(self.config.clock_response, f, phase, tp)
+
+    def evaluator(self, phase: Phase, tp: int) -> GridEvaluator:
+        """A :class:`GridEvaluator` of ``phase`` at ``tp`` (the unchecked fast path)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase = {phase!r}: must be one of {PHASES}")
+        self._check_tp(tp)
+        return GridEvaluator(self, phase, tp)
 
     def coefficients(self, phase: Phase, tp: int) -> NDArray[np.float64]:
         """The kernel coefficient vector of ``phase`` at ``tp`` (read-only)."""

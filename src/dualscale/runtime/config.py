@@ -13,8 +13,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from dualscale.config import builtin_names, check, load_named
-from dualscale.sim.scenario import Control, Slo
+from dualscale.config import Control, Slo, builtin_names, check, load_named
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]

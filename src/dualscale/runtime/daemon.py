@@ -6,7 +6,8 @@ agent. The loop is an explicit busy loop with named phases::
     _drain_inputs   take every waiting frame (blocking only when there is nothing to do): reports
                     are checked (version, type, known instance, phase, order) and kept per
                     instance, newest wins; actuator statuses update the metrics
-    _decide         one decision per instance with a new report
+    _decide         one decision per instance with a new report, after feeding its controller the
+                    previous iteration's measured time and clock (and the GPUs' power)
     _actuate        send the clock commands to the instances' actuators (ROUTER, by node name)
     _publish        heartbeats to every actuator, the placement plan, actuator liveness
 
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from dualscale.control import DecodeController, PrefillController
+from dualscale.control import make_controller
 from dualscale.errors import ProtocolError
 from dualscale.profile import Profile
 from dualscale.runtime.config import InstanceSpec, RuntimeConfig
@@ -95,7 +96,9 @@ class _Slot:
     """Per-instance state: its controller, report ordering and the newest undecided report."""
 
     __slots__ = ("spec", "phase", "node_id", "gpus", "ctl", "decide", "epoch", "last_seq", "pending",
-                 "recv_ns", "seq", "m_decisions", "m_latency", "m_clock", "m_infeasible")
+                 "recv_ns", "seq", "decided_epoch", "decided_seq", "decided_freq_mhz", "m_decisions", "m_latency",
+                 "m_clock", "m_infeasible", "m_correction", "m_error_model", "m_error_corrected", "m_feedback",
+                 "m_safety")
 
     def __init__(self, spec: InstanceSpec, ctl: Any, decide: Callable[[Any, Any], tuple[int, bool]],
                  metrics: DaemonMetrics) -> None:
@@ -110,10 +113,20 @@ class _Slot:
         self.pending: Any = None
         self.recv_ns = 0
         self.seq = 0
+        # the report last decided on: the next report's iteration_s measures the iteration it ran
+        self.decided_epoch = -1
+        self.decided_seq = -1
+        self.decided_freq_mhz = 0
         self.m_decisions = metrics.decisions.labels(spec.name, spec.phase)
         self.m_latency = metrics.decision_latency.labels(spec.phase)
         self.m_clock = metrics.clock.labels(spec.name)
         self.m_infeasible = metrics.infeasible.labels(spec.name)
+        self.m_correction = metrics.correction.labels(spec.name)
+        self.m_correction.set(1.0)
+        self.m_error_model = metrics.prediction_error.labels(spec.name, "model")
+        self.m_error_corrected = metrics.prediction_error.labels(spec.name, "corrected")
+        self.m_feedback = metrics.feedback.labels(spec.name)
+        self.m_safety = metrics.safety.labels(spec.name)
 
 
 class ControllerDaemon:
@@ -164,17 +177,13 @@ class ControllerDaemon:
         self.decisions = 0
 
     def _slot(self, spec: InstanceSpec) -> _Slot:
-        c, slo = self.config.control, self.config.slo
+        ctl: Any = make_controller(self.profile, self.config.control, self.config.slo, phase=spec.phase, tp=spec.tp,
+                                   max_batch_tokens=spec.max_batch_tokens)
         if spec.phase == "prefill":
-            ctl: Any = PrefillController(self.profile, tp=spec.tp, ttft_slo_s=slo.ttft_s, horizon=c.horizon,
-                                         max_batch_tokens=spec.max_batch_tokens, margin=c.margin,
-                                         kv_guard=c.kv_guard, solver=c.prefill_solver)
             slot = _Slot(spec, ctl, _decide_prefill, self.metrics)
             warm: Any = PrefillReport(spec.name, 0, 0, 0, 1.0, 0.0, 0.0, 0, np.array([0.5]).tobytes(),
                                       np.array([300]).tobytes(), np.array([0]).tobytes())
         else:
-            ctl = DecodeController(self.profile, tp=spec.tp, tpot_slo_s=slo.tpot_s, margin=c.margin,
-                                   kv_guard=c.kv_guard, slack=c.decode_slack)
             slot = _Slot(spec, ctl, _decide_decode, self.metrics)
             warm = DecodeReport(spec.name, 0, 0, 0, 1.0, 0.0, 0.0, 0, np.array([0.5]).tobytes(),
                                 np.array([3]).tobytes(), np.array([100]).tobytes())
@@ -316,15 +325,47 @@ class ControllerDaemon:
         for phase in ("prefill", "decode"):
             m.power.labels(phase).set(sum(p for k, p in self._gpu_power.items() if self.gpu_phase.get(k) == phase))
 
+    def _feedback(self, slot: _Slot, r: Any) -> None:
+        """Tell the controller what the iteration it last decided on measured, when ``r`` (the next
+        report of the same agent) describes exactly that iteration."""
+        if r.epoch != slot.decided_epoch or r.seq != slot.decided_seq + 1 or not r.iteration_s > 0:
+            return
+        # the engine reads the clock at each iteration's start: the same reading at its end means
+        # it ran at that clock throughout; otherwise (a switch landed mid-iteration) nothing is learnt
+        freq = r.freq_mhz if r.freq_mhz == slot.decided_freq_mhz else 0
+        ctl, cor = slot.ctl, slot.ctl.correction
+        seen, triggers = cor.observations, cor.triggers
+        ctl.observe(r.iteration_s, freq, self._instance_power_w(slot))
+        if cor.observations != seen:
+            slot.m_feedback.inc()
+            slot.m_correction.set(cor.time_factor)
+            slot.m_error_model.set(cor.last_model_error)
+            slot.m_error_corrected.set(cor.last_error)
+            if cor.triggers != triggers:
+                slot.m_safety.inc()
+
+    def _instance_power_w(self, slot: _Slot) -> float:
+        """Mean power per GPU of the instance from its actuator's last status, 0 when unknown or
+        older than a status period (NVML power is itself a ~100 ms average)."""
+        node = slot.spec.node
+        seen = self._node_seen_s.get(node)
+        if seen is None or time.monotonic() - seen > self.config.actuator.status_period_s:
+            return 0.0
+        power = [self._gpu_power.get((node, g), 0.0) for g in slot.gpus]
+        return sum(power) / len(power) if all(p > 0 for p in power) else 0.0
+
     def _decide(self) -> None:
         dirty, self._dirty = self._dirty, []
         for slot in dirty:  # in the order their reports arrived
             r = slot.pending
             slot.pending = None
+            self._feedback(slot, r)
+            slot.decided_epoch, slot.decided_seq, slot.decided_freq_mhz = r.epoch, r.seq, r.freq_mhz
             try:
                 freq_mhz, feasible = slot.decide(slot.ctl, r)
             except ValueError as e:  # bad array lengths or contents: the controller names the field
                 self._drop("invalid", f"{r.instance}: {e}")
+                slot.decided_seq = -1  # no decision on r: the next report's measurement matches none
                 continue
             slot.seq += 1
             self._outbox.append((slot, ClockCommand(r.instance, slot.gpus, freq_mhz, slot.seq, r.sent_ns, self.epoch)))

@@ -5,8 +5,11 @@ runtime config) on a request trace. Before every iteration the simulated engine 
 one would: read the SM clock its GPUs run at (from the simulated node's state file, as a real
 engine could read NVML), report its queue or batch through a :class:`WorkerAgent`, post the
 iteration's busy power to the simulated GPUs, and run the iteration at the clock it found, taking
-the profile's time for it in wall time (divided by ``speed``). The clock decisions therefore take
-the real path: agent -> controller daemon -> actuator -> simulated GPU -> engine.
+the profile's time for it in wall time (divided by ``speed``), or the ground truth's when one is
+given (``truth``: the same ``[truth]`` the simulator takes, e.g. a 20 % latency bias the
+controller must learn). Each report carries the previous iteration's measured time and the clock
+read at the iteration's start, as a real engine's would. The clock decisions therefore take the
+real path: agent -> controller daemon -> actuator -> simulated GPU -> engine.
 
 Used by the end-to-end test and ``bench/``; also a demo::
 
@@ -31,7 +34,7 @@ from dualscale.runtime.worker import WorkerAgent
 from dualscale.sim.engine import Simulation
 from dualscale.sim.policies import DecodeControl, Policy, PrefillControl
 from dualscale.sim.run import build_trace
-from dualscale.sim.scenario import Cluster, DecodePool, PrefillPool, Scenario, TraceSpec
+from dualscale.sim.scenario import Cluster, DecodePool, PrefillPool, Scenario, TraceSpec, Truth
 
 
 class _Pacer:
@@ -59,14 +62,18 @@ class _Remote:
         self.pacer = pacer
         self.top_mhz = int(profile.clocks_mhz[-1])
         self.idle_mhz = self.top_mhz  # an unlocked GPU runs at the driver's default (top) clock
-        self.last_s = 0.0
+        self.last_iteration_s = 0.0
 
     def clock_now(self, now_s: float) -> tuple[int, float]:
+        """(clock in effect now, measured time of the previous iteration or 0)."""
         self.pacer.wait(now_s)
         freq = self.node.sm_clock_mhz(self.spec.gpus[0]) if self.node is not None else self.top_mhz
         freq = int(min(max(freq, self.profile.clocks_mhz[0]), self.top_mhz))
-        gap_s, self.last_s = now_s - self.last_s, now_s
-        return freq, gap_s
+        last, self.last_iteration_s = self.last_iteration_s, 0.0
+        return freq, last
+
+    def observe(self, iteration_s: float, freq_mhz: int, power_w: float) -> None:
+        self.last_iteration_s = iteration_s
 
     def post(self, power_w: float, time_s: float) -> None:
         if self.node is not None:
@@ -75,9 +82,9 @@ class _Remote:
 
 class _RemotePrefill(_Remote, PrefillControl):
     def clock(self, now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util):  # type: ignore[no-untyped-def]
-        freq, gap_s = self.clock_now(now_s)
+        freq, last_s = self.clock_now(now_s)
         self.agent.report_prefill(now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util=kv_util,
-                                  iteration_s=gap_s, freq_mhz=freq)
+                                  iteration_s=last_s, freq_mhz=freq)
         room, chunks, prefix = self.spec.max_batch_tokens, [], []
         for p, d in zip(prompt_tokens.tolist(), prefilled_tokens.tolist()):
             take = min(p - d, room)
@@ -93,9 +100,9 @@ class _RemotePrefill(_Remote, PrefillControl):
 
 class _RemoteDecode(_Remote, DecodeControl):
     def clock(self, now_s, first_token_s, tokens_out, context_tokens, kv_util):  # type: ignore[no-untyped-def]
-        freq, gap_s = self.clock_now(now_s)
+        freq, last_s = self.clock_now(now_s)
         self.agent.report_decode(now_s, first_token_s, tokens_out, context_tokens, kv_util=kv_util,
-                                 iteration_s=gap_s, freq_mhz=freq)
+                                 iteration_s=last_s, freq_mhz=freq)
         t, w = self.profile.decode(self.spec.tp, context_tokens, freq)
         self.post(float(w), float(t))
         return freq
@@ -123,7 +130,7 @@ class RemotePolicy(Policy):
 
 def emulate(config: RuntimeConfig, prefill: str, decode: str, *, state_file: str | None, trace: str = "gamma",
             rate_per_s: float = 2.0, duration_s: float = 30.0, seed: int = 0, speed: float = 1.0,
-            report_address: str | None = None) -> dict[str, Any]:
+            report_address: str | None = None, truth: Truth | None = None) -> dict[str, Any]:
     """Run one emulated P/D pair until its trace is served; returns a summary."""
     specs = {s.name: s for s in config.instances}
     for name, phase in ((prefill, "prefill"), (decode, "decode")):
@@ -137,7 +144,7 @@ def emulate(config: RuntimeConfig, prefill: str, decode: str, *, state_file: str
         name="emulated", profile=config.profile, trace=spec, slo=config.slo, control=config.control,
         prefill=PrefillPool(tp=p_spec.tp, instances=1, max_batch_tokens=p_spec.max_batch_tokens),
         decode=DecodePool(tp=d_spec.tp, instances=1),
-        cluster=Cluster(gpus=p_spec.tp + d_spec.tp, clock_switch_delay_s=0.0))
+        cluster=Cluster(gpus=p_spec.tp + d_spec.tp, clock_switch_delay_s=0.0), truth=truth or Truth())
     requests = build_trace(scenario.trace)
     node = SimNodeState.attach(state_file) if state_file else None
     address = report_address or config.controller.report_address
@@ -167,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=30.0, help="arrivals for this long, s (default 30)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second (default 1)")
+    p.add_argument("--latency-bias", type=float, default=0.0,
+                   help="the emulated GPUs run this much slower than the profile says (0.2 = 20 %%; default 0)")
     args = p.parse_args(argv)
+    truth = Truth(latency_bias_prefill=args.latency_bias, latency_bias_decode=args.latency_bias)
     summary = emulate(load_runtime_config(args.config), args.prefill, args.decode, state_file=args.state_file,
                       trace=args.trace, rate_per_s=args.rate, duration_s=args.duration, seed=args.seed,
-                      speed=args.speed)
+                      speed=args.speed, truth=truth)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 

@@ -46,6 +46,18 @@ class DaemonMetrics:
         self.actuator_up = Gauge("dualscale_actuator_up", "1 while the node's actuator reports", ["node"], registry=r)
         self.deadman_resets = Gauge("dualscale_actuator_deadman_resets", "Dead-man resets the actuator reported",
                                     ["node"], registry=r)
+        self.correction = Gauge("dualscale_latency_correction_ratio",
+                                "Factor on the profile's iteration time the controller plans with (online correction)",
+                                ["instance"], registry=r)
+        self.prediction_error = Gauge(
+            "dualscale_prediction_error_ratio",
+            "Last measured iteration time / predicted - 1: by the profile alone (basis=model) and as corrected "
+            "(basis=corrected)", ["instance", "basis"], registry=r)
+        self.feedback = Counter("dualscale_feedback_iterations", "Measured iterations the controller learnt from",
+                                ["instance"], registry=r)
+        self.safety = Counter("dualscale_safety_fallbacks",
+                              "Times a measured iteration exceeded the corrected prediction: top clock for a while",
+                              ["instance"], registry=r)
         for reason in REASONS:
             self.dropped.labels(reason)  # every reason is exported from the start, at 0
 

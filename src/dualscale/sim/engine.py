@@ -12,6 +12,11 @@ What is modelled (and what is not) — every number comes from the profile or th
   fits beside the others' (a reservation, so no preemption is modelled; output lengths are
   known from the trace); otherwise it waits, FCFS, and the run reports it. Every running request
   emits one token per step; TPOT = (finish - first token) / (output tokens - 1).
+- Truth: the simulated GPUs follow the scenario's ``[truth]`` (sim/truth.py): by default the
+  profile itself; otherwise biased, noisy, clock-shape-distorted, power-capped time and power that
+  the controllers do not see. After every iteration the policy is told what a real engine would
+  measure: the iteration's time, the clock in effect as read back (0 when it changed during the
+  iteration) and the power per GPU.
 - Clocks: before every iteration the instance's policy picks a clock; a change takes effect
   ``clock_switch_delay_s`` after it is asked for. Work progresses at rate 1 / time(f): a batch
   whose clock changes midway finishes the rest of its work at the new clock's pace. A request
@@ -38,12 +43,12 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from dualscale._kernels import mpc
-from dualscale._kernels import perf_model as pm
+from dualscale.control import BatchFormer
 from dualscale.profile import Profile
 from dualscale.sim.policies import DecodeControl, Policy, PrefillControl
 from dualscale.sim.scenario import Scenario
 from dualscale.sim.traces import Trace
+from dualscale.sim.truth import GroundTruth
 
 _ARRIVAL, _PREFILL_DONE, _DECODE_READY, _DECODE_DONE = 0, 1, 2, 3
 
@@ -65,7 +70,7 @@ class _Instance:
     """Clock state and energy accounting shared by prefill and decode instances."""
 
     def __init__(self, index: int, phase: str, tp: int, profile: Profile, delay_s: float, weight: float,
-                 start_mhz: int) -> None:
+                 start_mhz: int, truth: GroundTruth | None) -> None:
         self.index = index
         self.phase = phase
         self.tp = tp
@@ -75,9 +80,12 @@ class _Instance:
         self.f0 = int(self.clocks[0])
         self.step = int(profile.config.gpu.clock_step_mhz)
         self.idle_w = np.asarray(profile.idle_power_w(self.clocks.astype(np.float64)), dtype=np.float64)
-        self.coef = profile.coefficients(phase, tp)  # type: ignore[arg-type]
-        self.table = np.ascontiguousarray(profile.clock_table(phase, tp))  # type: ignore[arg-type]
-        self.out = np.empty((2, self.clocks.size))
+        self.grid = profile.evaluator(phase, tp)  # type: ignore[arg-type]
+        self.out = self.grid.out  # the running iteration's time and power on every clock (the truth's)
+        self.truth = truth
+        self.eff: NDArray[np.int64] | None = None  # clock that runs per clock asked (None: the same)
+        self.iter_j = -1  # clock the last iteration ran at throughout, -1 if it changed midway
+        self.step_started_s = 0.0
         self.j = self._idx(start_mhz)  # clock in effect (grid index)
         self.pending_j = -1
         self.pending_at_s = 0.0
@@ -103,7 +111,7 @@ class _Instance:
             self.pending_j = -1
         else:
             self.pending_j = j
-            self.pending_at_s = now_s + self.delay_s
+            self.pending_at_s = now_s + (self.delay_s if self.truth is None else self.truth.switch_delay_s(self.delay_s))
 
     def _segment(self, t0: float, t1: float, j: int, power_w: float, busy: bool) -> None:
         if t1 <= t0:
@@ -117,7 +125,7 @@ class _Instance:
         tl = self.timeline
         tl.t0_s.append(t0)
         tl.t1_s.append(t1)
-        tl.freq_mhz.append(int(self.clocks[j]))
+        tl.freq_mhz.append(int(self.clocks[j if self.eff is None else self.eff[j]]))
         tl.power_w.append(power_w)
         tl.queue.append(self.queue_len)
         tl.busy.append(busy)
@@ -136,16 +144,24 @@ class _Instance:
         self._segment(t0, t_s, self.j, self.idle_w[self.j], False)
         self.t_acct_s = t_s
 
+    def evaluate(self, out: NDArray[np.float64]) -> None:
+        """The model's grid for the iteration about to run is in ``out``: make it the truth's."""
+        if self.truth is not None:
+            self.eff = self.truth.apply(out)
+
     def run(self, t0: float) -> float:
         """Run the iteration whose grid evaluation is in ``self.out`` from ``t0``; returns its end."""
-        times = self.out[pm.O_TIME_S]
-        power = self.out[pm.O_POWER_W]
+        times = self.out[0]
+        power = self.out[1]
         j = self.j
         t_old = float(times[j])
+        self.step_started_s = t0
         if self.pending_j < 0 or self.pending_at_s >= t0 + t_old:
             t1 = t0 + t_old
             self._segment(t0, t1, j, power[j], True)
+            self.iter_j = j
         else:
+            self.iter_j = -1
             s1 = max(0.0, self.pending_at_s - t0)
             jn = self.pending_j
             mid = t0 + s1
@@ -157,6 +173,14 @@ class _Instance:
         self.t_acct_s = t1
         return t1
 
+    def measured(self, t: float) -> tuple[float, int, float]:
+        """What an engine measures of the iteration that just ended at ``t``: (time s, clock in
+        effect MHz as read back or 0 if it changed midway, power per GPU W or 0)."""
+        j = self.iter_j
+        if j < 0:
+            return t - self.step_started_s, 0, 0.0
+        return t - self.step_started_s, int(self.clocks[j if self.eff is None else self.eff[j]]), float(self.out[1, j])
+
 
 class _Prefill(_Instance):
     def __init__(self, control: PrefillControl, **kw: object) -> None:
@@ -165,8 +189,6 @@ class _Prefill(_Instance):
         self.queue: deque[int] = deque()
         self.load_tokens = 0  # prompt tokens queued, not yet prefilled (routing load)
         self.batch: list[tuple[int, int]] = []  # (request, tokens) of the batch running
-        self.bounds = np.zeros(2, dtype=np.int64)
-        self.batch_tokens = np.zeros(1, dtype=np.int64)
 
 
 class _Decode(_Instance):
@@ -186,7 +208,6 @@ class _Decode(_Instance):
         self.first_s = np.empty(cap)
         self.need = np.empty(cap, dtype=np.int64)
         self.n = 0
-        self.step_started_s = 0.0
 
     def grow(self) -> None:
         for name in ("rid", "ctx", "out_done", "out_target", "first_s", "need"):
@@ -263,6 +284,13 @@ class Simulation:
         model = profile.config.model
         self.block = int(model.kv_block_tokens)
         self.transfer_s_per_token = model.kv_bytes_per_token * 8.0 / (c.kv_link_gbps * 1e9)
+        self.former = BatchFormer(scenario.prefill.max_batch_tokens)
+        truth = scenario.truth
+        rng = np.random.default_rng(truth.seed)
+
+        def ground(phase: str, tp: int) -> GroundTruth | None:
+            return None if truth.is_model else GroundTruth(truth, phase, tp, rng)
+
         if placement is None:
             pw = scenario.prefill.weights or [1.0] * scenario.prefill.instances
             dw = scenario.decode.weights or [1.0] * scenario.decode.instances
@@ -272,12 +300,13 @@ class Simulation:
             raise ValueError("placement: needs at least one prefill and one decode instance")
         self.prefill = [
             _Prefill(policy.prefill(tp, base), index=i, tp=tp, profile=profile, delay_s=c.clock_switch_delay_s,
-                     weight=w)
+                     weight=w, truth=ground("prefill", tp))
             for i, (tp, base, w) in enumerate(placement.prefill)
         ]
         self.decode = [
             _Decode(policy.decode(tp, base), profile.kv_capacity_tokens(tp), scenario.decode.max_batch_requests,
-                    index=i, tp=tp, profile=profile, delay_s=c.clock_switch_delay_s, weight=w)
+                    index=i, tp=tp, profile=profile, delay_s=c.clock_switch_delay_s, weight=w,
+                    truth=ground("decode", tp))
             for i, (tp, base, w) in enumerate(placement.decode)
         ]
         kv_cap = max(d.kv_capacity_tokens for d in self.decode)
@@ -317,21 +346,17 @@ class Simulation:
         inst.queue_len = q.size
         f = inst.control.clock(t, self.arrival_s[q], self.prompt[q], self.prefilled[q], 0.0)
         inst.request_clock(f, t)
-        # the next batch by the very rule the prefill controller projects (one-batch horizon)
-        tokens = np.stack([self.prompt[q], self.prefilled[q]])
-        chunk_tokens = np.empty(q.size + 1, dtype=np.int64)
-        chunk_prefix = np.empty(q.size + 1, dtype=np.int64)
-        done = np.empty(q.size, dtype=np.int64)
-        mpc.project(tokens, self.scenario.prefill.max_batch_tokens, 1, chunk_tokens, chunk_prefix, inst.bounds,
-                    done, inst.batch_tokens)
-        n_chunks = int(inst.bounds[1])  # one chunk per request, in queue order
-        pm.prefill_grid(chunk_tokens[:n_chunks], chunk_prefix[:n_chunks], inst.coef, inst.table, inst.out)
-        batch = list(zip(q[:n_chunks].tolist(), chunk_tokens[:n_chunks].tolist()))
+        # the next batch by the very rule the prefill controller projects
+        chunk_tokens, chunk_prefix = self.former.next_batch(self.prompt[q], self.prefilled[q])
+        n_chunks = chunk_tokens.shape[0]  # one chunk per request, in queue order
+        inst.evaluate(inst.grid.prefill(chunk_tokens, chunk_prefix))
+        batch = list(zip(q[:n_chunks].tolist(), chunk_tokens.tolist()))
         inst.batch = batch
         inst.busy = True
         self._push(inst.run(t), _PREFILL_DONE, inst.index)
 
     def _prefill_done(self, inst: _Prefill, t: float) -> None:
+        inst.control.observe(*inst.measured(t))
         for r, take in inst.batch:
             self.prefilled[r] += take
             inst.load_tokens -= take
@@ -409,14 +434,13 @@ class Simulation:
         kv_util = min(1.0, float(ctx.sum()) / d.kv_capacity_tokens)
         f = d.control.clock(t, d.first_s[:n], d.out_done[:n], ctx, kv_util)
         d.request_clock(f, t)
-        pm.decode_grid(ctx, d.coef, d.table, d.out)
+        d.evaluate(d.grid.decode(ctx))
         d.busy = True
-        d.step_started_s = t
         self._push(d.run(t), _DECODE_DONE, d.index)
 
     def _decode_done(self, d: _Decode, t: float) -> None:
         n = d.n
-        d.control.observe(t - d.step_started_s)
+        d.control.observe(*d.measured(t))
         d.out_done[:n] += 1
         d.ctx[:n] += 1
         done = d.out_done[:n] >= d.out_target[:n]

@@ -1,15 +1,18 @@
 """Clock policies the simulator compares, behind one interface.
 
 A :class:`Policy` makes one controller per instance (controllers hold state: the QP's warm start,
-a feedback rule's level). Before every iteration the simulator asks the instance's controller for a
-clock, showing it what a real engine would: the waiting queue (prefill) or the running batch
-(decode), and the KV-cache use. The fine-tier controllers plug in unchanged.
+a feedback rule's level, the online correction). Before every iteration the simulator asks the
+instance's controller for a clock, showing it what a real engine would: the waiting queue
+(prefill) or the running batch (decode), and the KV-cache use; after it, what was measured (the
+iteration's time, the clock in effect, the power). The fine-tier controllers are built by
+:func:`dualscale.control.make_controller`, as the daemon builds them.
 
 ``distserve``        every GPU at the top clock, always (the paper's baseline)
 ``static:<MHz>``     one fixed clock
 ``dualscale``        prefill MPC (:class:`~dualscale.PrefillController`) + decode slack control
 ``lowest-feasible``  per iteration, the lowest clock meeting the SLO for the batch about to run,
-                     no horizon (throttLL'eM-style)
+                     no horizon (throttLL'eM-style): the prefill controller's ``lowest`` solver,
+                     and the decode controller on the per-step target at least power
 ``rules``            feedback rules on observed slack with hysteresis (VoltanaLLM-style, our reading)
 ``baseline``         each instance locked at its baseline clock from a placement (PlaceOnly)
 
@@ -23,12 +26,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from dualscale._kernels import mpc
-from dualscale._kernels import perf_model as pm
-from dualscale.control import DecodeController, PrefillController
+from dualscale.control import DecodeController, PrefillController, make_controller
 from dualscale.profile import Profile
 from dualscale.sim.scenario import Scenario
 
@@ -36,7 +38,13 @@ from dualscale.sim.scenario import Scenario
 RULE_CLOCKS_MHZ = (345, 525, 705, 885, 1065, 1260, 1440, 1620, 1800, 1980)
 
 
-class PrefillControl(ABC):
+class _Observer:
+    def observe(self, iteration_s: float, freq_mhz: int, power_w: float) -> None:
+        """What the iteration just decided on measured: its time (s), the clock in effect while it
+        ran as read back (MHz; 0 when it changed during the iteration) and its power per GPU (W)."""
+
+
+class PrefillControl(_Observer, ABC):
     """Clock choice of one prefill instance."""
 
     idle_mhz: int
@@ -47,7 +55,7 @@ class PrefillControl(ABC):
         """Clock (MHz) for the batch about to run from this FCFS queue."""
 
 
-class DecodeControl(ABC):
+class DecodeControl(_Observer, ABC):
     """Clock choice of one decode instance."""
 
     idle_mhz: int
@@ -56,9 +64,6 @@ class DecodeControl(ABC):
     def clock(self, now_s: float, first_token_s: NDArray[np.float64], tokens_out: NDArray[np.int64],
               context_tokens: NDArray[np.int64], kv_util: float) -> int:
         """Clock (MHz) for the step about to run for this batch."""
-
-    def observe(self, step_time_s: float) -> None:
-        """Feedback after a step ran (used by ``rules``)."""
 
 
 class Policy(ABC):
@@ -108,7 +113,7 @@ class Static(Policy):
         return _Fixed(self.freq_mhz)
 
 
-# ---- dualscale fine tier -----------------------------------------------------------------------
+# ---- fine-tier controllers (dualscale, lowest-feasible) -----------------------------------------
 class _MpcPrefill(PrefillControl):
     def __init__(self, ctl: PrefillController) -> None:
         self.ctl = ctl
@@ -116,6 +121,9 @@ class _MpcPrefill(PrefillControl):
 
     def clock(self, now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util):  # type: ignore[no-untyped-def]
         return self.ctl.decide(now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util).freq_mhz
+
+    def observe(self, iteration_s: float, freq_mhz: int, power_w: float) -> None:
+        self.ctl.observe(iteration_s, freq_mhz, power_w)
 
 
 class _SlackDecode(DecodeControl):
@@ -126,93 +134,43 @@ class _SlackDecode(DecodeControl):
     def clock(self, now_s, first_token_s, tokens_out, context_tokens, kv_util):  # type: ignore[no-untyped-def]
         return self.ctl.decide(now_s, first_token_s, tokens_out, context_tokens, kv_util).freq_mhz
 
+    def observe(self, iteration_s: float, freq_mhz: int, power_w: float) -> None:
+        self.ctl.observe(iteration_s, freq_mhz, power_w)
 
-class DualScale(Policy):
+
+class _FineTier(Policy):
+    """Controllers from :func:`make_controller` with the scenario's SLOs and ``[control]``
+    settings, after ``overrides`` (fields of ``Control``)."""
+
+    overrides: dict[str, object] = {}
+
+    def prefill(self, tp: int, base_mhz: int | None = None) -> PrefillControl:
+        s = self.scenario
+        ctl = make_controller(self.profile, msgspec.structs.replace(s.control, **self.overrides), s.slo,
+                              phase="prefill", tp=tp, max_batch_tokens=s.prefill.max_batch_tokens)
+        assert isinstance(ctl, PrefillController)  # internal: make_controller's contract
+        return _MpcPrefill(ctl)
+
+    def decode(self, tp: int, base_mhz: int | None = None) -> DecodeControl:
+        s = self.scenario
+        ctl = make_controller(self.profile, msgspec.structs.replace(s.control, **self.overrides), s.slo,
+                              phase="decode", tp=tp)
+        assert isinstance(ctl, DecodeController)  # internal: make_controller's contract
+        return _SlackDecode(ctl)
+
+
+class DualScale(_FineTier):
     """Prefill MPC + decode slack control with the scenario's SLOs and fine-tier settings."""
 
     name = "dualscale"
 
-    def prefill(self, tp: int, base_mhz: int | None = None) -> PrefillControl:
-        s, c = self.scenario, self.scenario.control
-        return _MpcPrefill(PrefillController(
-            self.profile, tp=tp, ttft_slo_s=s.slo.ttft_s, horizon=c.horizon,
-            max_batch_tokens=s.prefill.max_batch_tokens, margin=c.margin, kv_guard=c.kv_guard,
-            solver=c.prefill_solver))
 
-    def decode(self, tp: int, base_mhz: int | None = None) -> DecodeControl:
-        s, c = self.scenario, self.scenario.control
-        return _SlackDecode(DecodeController(self.profile, tp=tp, tpot_slo_s=s.slo.tpot_s, margin=c.margin,
-                                             kv_guard=c.kv_guard, slack=c.decode_slack,
-                                             objective=c.decode_objective))
+class LowestFeasible(_FineTier):
+    """Per iteration the lowest clock meeting the SLO for the batch about to run, no horizon:
+    prefill on the next batch's deadlines, decode on the per-step TPOT target (the paper's rule)."""
 
-
-# ---- lowest feasible clock, no horizon (throttLL'eM-style) ----------------------------------------
-class _LowestPrefill(PrefillControl):
-    """Lowest clock at which every request completing in the next batch meets its TTFT target.
-
-    Without a horizon, a batch in which no request completes (a chunk of a long prompt) has no
-    deadline and runs at the lowest clock: the weakness a horizon removes.
-    """
-
-    def __init__(self, profile: Profile, tp: int, scenario: Scenario) -> None:
-        self.clocks = profile.clocks_mhz
-        self.idle_mhz = int(self.clocks[0])
-        self.kv_guard = scenario.control.kv_guard
-        self.max_batch_tokens = scenario.prefill.max_batch_tokens
-        self.coef = profile.coefficients("prefill", tp)
-        self.table = np.ascontiguousarray(profile.clock_table("prefill", tp))
-        self.params = np.array([0.0, scenario.slo.ttft_s, scenario.control.margin])
-        n = self.clocks.size
-        self.bounds = np.zeros(2, dtype=np.int64)
-        self.batch_tokens = np.zeros(1, dtype=np.int64)
-        self.tables = np.zeros((2, 1, n))
-        self.out = np.empty((2, n))
-        self.budget = np.empty(1)
-
-    def clock(self, now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util):  # type: ignore[no-untyped-def]
-        if kv_util >= self.kv_guard:
-            return int(self.clocks[-1])
-        n = arrival_s.shape[0]
-        tokens = np.stack([prompt_tokens, prefilled_tokens])
-        chunk_t = np.empty(n + 1, dtype=np.int64)
-        chunk_p = np.empty(n + 1, dtype=np.int64)
-        done = np.empty(n, dtype=np.int64)
-        mpc.project(tokens, self.max_batch_tokens, 1, chunk_t, chunk_p, self.bounds, done, self.batch_tokens)
-        mpc.tabulate(chunk_t, chunk_p, self.bounds, 1, self.coef, self.table, self.tables, self.out)
-        self.params[mpc.P_NOW_S] = now_s
-        mpc.budgets(arrival_s, done, self.params, self.tables, 1, self.budget)
-        fits = np.flatnonzero(self.tables[mpc.TB_TIME_S, 0] <= self.budget[0] + mpc.TOL_S)
-        return int(self.clocks[fits[0]])
-
-
-class _LowestDecode(DecodeControl):
-    """Lowest clock whose step meets the per-step TPOT target (the paper's decode rule)."""
-
-    def __init__(self, profile: Profile, tp: int, scenario: Scenario) -> None:
-        self.clocks = profile.clocks_mhz
-        self.idle_mhz = int(self.clocks[0])
-        self.kv_guard = scenario.control.kv_guard
-        self.target_s = (1 - scenario.control.margin) * scenario.slo.tpot_s
-        self.coef = profile.coefficients("decode", tp)
-        self.table = np.ascontiguousarray(profile.clock_table("decode", tp))
-        self.out = np.empty((2, self.clocks.size))
-
-    def clock(self, now_s, first_token_s, tokens_out, context_tokens, kv_util):  # type: ignore[no-untyped-def]
-        if kv_util >= self.kv_guard:
-            return int(self.clocks[-1])
-        pm.decode_grid(context_tokens, self.coef, self.table, self.out)
-        fits = np.flatnonzero(self.out[pm.O_TIME_S] <= self.target_s + mpc.TOL_S)
-        return int(self.clocks[fits[0]] if fits.size else self.clocks[-1])
-
-
-class LowestFeasible(Policy):
     name = "lowest-feasible"
-
-    def prefill(self, tp: int, base_mhz: int | None = None) -> PrefillControl:
-        return _LowestPrefill(self.profile, tp, self.scenario)
-
-    def decode(self, tp: int, base_mhz: int | None = None) -> DecodeControl:
-        return _LowestDecode(self.profile, tp, self.scenario)
+    overrides = {"prefill_solver": "lowest", "decode_slack": "tbt", "decode_objective": "power"}
 
 
 # ---- feedback rules (VoltanaLLM-style) ---------------------------------------------------------
@@ -257,10 +215,10 @@ class _RulesDecode(DecodeControl):
             self.level = len(self.clocks) - 1
         return self.clocks[self.level]
 
-    def observe(self, step_time_s: float) -> None:
-        if step_time_s > 0.9 * self.target_s:
+    def observe(self, iteration_s: float, freq_mhz: int, power_w: float) -> None:
+        if iteration_s > 0.9 * self.target_s:
             self.level = min(len(self.clocks) - 1, self.level + 1)
-        elif step_time_s < 0.6 * self.target_s:
+        elif iteration_s < 0.6 * self.target_s:
             self.level = max(0, self.level - 1)
 
 

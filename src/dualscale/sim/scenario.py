@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from dualscale.config import builtin_names, check, load_named
+from dualscale.config import Control, Slo, builtin_names, check, load_named
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
@@ -46,13 +46,6 @@ class TraceSpec(_Frozen):
             check(self.duration_s > 0, "trace.duration_s", self.duration_s, "must be > 0 for gamma arrivals")
 
 
-class Slo(_Frozen):
-    ttft_s: Positive = 0.6
-    tpot_s: Positive = 0.1
-    #: the percentile of TTFT and TPOT that must be within the SLO for the run to meet it
-    percentile: Annotated[float, msgspec.Meta(gt=0, le=100)] = 99.0
-
-
 class Pool(_Frozen):
     """Instances of one phase. ``weights``: routing weights (default: equal)."""
 
@@ -83,16 +76,38 @@ class Cluster(_Frozen):
     clock_switch_delay_s: NonNeg = 0.02
 
 
-class Control(_Frozen):
-    """Fine-tier settings used by the ``dualscale`` policy (and the SLO margin of every policy)."""
+Bias = Annotated[float, msgspec.Meta(gt=-1)]
 
-    horizon: Count = 8
-    margin: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.05
-    kv_guard: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
-    prefill_solver: Literal["qp", "exact", "greedy"] = "qp"
-    decode_slack: Literal["request", "tbt"] = "request"
-    #: decode clock objective: "energy" per step (DESIGN.md) or "power" (see DecodeController)
-    decode_objective: Literal["energy", "power"] = "energy"
+
+class Truth(_Frozen):
+    """How the simulated GPUs differ from the profile the controllers believe (``[truth]``). Every
+    default is "no error", so a scenario without the table runs on the model itself.
+
+    Applied to every iteration's real time and power: time x (1 + latency_bias of its phase), its
+    slowdown below the top clock made steeper (clock_shape_error > 0) or flatter (< 0) by that
+    fraction, x a lognormal noise factor of mean 1; power x (1 + power_bias of its phase). With
+    ``power_cap_w`` a GPU whose power at the asked clock exceeds the cap runs at the highest clock
+    that fits under it (the clock read back differs from the one asked). With ``switch_jitter``
+    each TP rank's clock switch takes ``clock_switch_delay_s x U(1 - j, 1 + j)`` and the iteration
+    runs at the slowest rank's pace.
+    """
+
+    latency_bias_prefill: Bias = 0.0
+    latency_bias_decode: Bias = 0.0
+    clock_shape_error: Bias = 0.0
+    #: sigma of log(time factor) per iteration
+    latency_noise: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    power_bias_prefill: Bias = 0.0
+    power_bias_decode: Bias = 0.0
+    #: per GPU; 0 = only the profile's own cap
+    power_cap_w: NonNeg = 0.0
+    switch_jitter: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
+    seed: int = 0
+
+    @property
+    def is_model(self) -> bool:
+        """True when the truth is the profile itself (every field at its default)."""
+        return msgspec.structs.replace(self, seed=0) == Truth()
 
 
 class Scenario(_Frozen, kw_only=True):
@@ -106,6 +121,7 @@ class Scenario(_Frozen, kw_only=True):
     decode: DecodePool
     cluster: Cluster = Cluster()
     control: Control = Control()
+    truth: Truth = Truth()
 
     def __post_init__(self) -> None:
         used = self.prefill.tp * self.prefill.instances + self.decode.tp * self.decode.instances

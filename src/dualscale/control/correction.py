@@ -1,0 +1,130 @@
+"""Online model correction: what a controller learns from the iterations it sees run.
+
+The profile is transferred from public measurements; on a user's GPU, driver, engine and power cap
+it is wrong by some factor, and a little noisy from one iteration to the next. After every
+iteration the caller tells the controller the measured time, the clock actually in effect (read
+back, which a power cap or a slow rank can make differ from the clock asked for) and, where known,
+the measured power. The controller keeps, per instance:
+
+* an exponentially weighted mean ``mu`` and variance of ``log(measured / predicted)`` time, over
+  about ``1 / alpha`` recent iterations (the first observation sets ``mu`` at once, so a large
+  bias is learnt in one iteration, not twenty);
+* the time factor it plans with, ``exp(mu + z * sd)``: the upper side of the recent ratios, so
+  noise makes it plan slower, never faster (a deadline is missed by under-predicting time; over-
+  predicting it only costs energy);
+* the paper's safety rule: a measurement above the corrected prediction by more than ``tol`` (the
+  estimate was wrong) puts the instance on the top clock for the next ``hold`` decisions while the
+  estimate settles;
+* a power factor (mean of measured / predicted power), which rescales the reported energy only:
+  multiplying every clock's power by one factor changes no decision.
+
+The factor scales every time coefficient of the model, so the decision's hot path is unchanged
+(``apply`` rewrites a copy of four coefficients when the factor moves).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+
+from dualscale._kernels import perf_model as pm
+
+#: EW weight of one observation (about 10 iterations of memory).
+ALPHA = 0.1
+#: Standard deviations above the mean log-ratio that the controller plans with.
+Z = 2.0
+#: Spread assumed before the data says otherwise (log units: 5 %), so the first factors are cautious.
+SIGMA0 = 0.05
+#: A measurement this far above the corrected prediction (relative) triggers the top clock.
+TOL = 0.05
+#: Decisions at the top clock after the safety rule fires.
+HOLD = 8
+#: The factor stays within [1/FACTOR_LIMIT, FACTOR_LIMIT]: a measurement off by more is a fault
+#: (a stalled engine, a mis-matched report), not a model error to learn.
+FACTOR_LIMIT = 4.0
+_LOG_LIMIT = math.log(FACTOR_LIMIT)
+_TIME_COEFS = (pm.C_BASE_S, pm.C_PER_REQUEST_S, pm.C_PER_CONTEXT_TOKEN_S, pm.C_PER_TOKEN_S)
+
+
+class Correction:
+    """Per-instance latency and power correction (see the module docstring).
+
+    Attributes:
+        time_factor: factor on the model's time the controller plans with (1 before any observation).
+        power_factor: measured / predicted power, EW mean (1 before any power observation).
+        observations: iterations learnt from.
+        triggers: times the safety rule fired.
+        hold_left: decisions still forced to the top clock.
+        last_error: measured / corrected prediction - 1 of the last observation (0 before any).
+        last_model_error: measured / uncorrected model prediction - 1 of the last observation.
+    """
+
+    __slots__ = ("mu", "var", "time_factor", "power_factor", "observations", "power_observations", "triggers",
+                 "hold_left", "last_error", "last_model_error")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything learnt (e.g. after the instance moved to other GPUs)."""
+        self.mu = 0.0
+        self.var = SIGMA0 * SIGMA0
+        self.time_factor = 1.0
+        self.power_factor = 1.0
+        self.observations = 0
+        self.power_observations = 0
+        self.triggers = 0
+        self.hold_left = 0
+        self.last_error = 0.0
+        self.last_model_error = 0.0
+
+    def observe(self, measured_s: float, model_s: float, measured_w: float = 0.0, model_w: float = 0.0) -> bool:
+        """Learn from one iteration: ``model_s`` is the uncorrected model's time for the batch that
+        ran at the clock in effect; power is learnt when both powers are > 0. Returns True when
+        ``time_factor`` changed (the caller then re-applies it)."""
+        if not (measured_s > 0.0 and model_s > 0.0 and math.isfinite(measured_s) and math.isfinite(model_s)):
+            return False
+        x = math.log(measured_s / model_s)
+        if abs(x) > _LOG_LIMIT:
+            return False
+        corrected_s = model_s * self.time_factor
+        self.last_error = measured_s / corrected_s - 1.0
+        self.last_model_error = measured_s / model_s - 1.0
+        if measured_s > corrected_s * (1.0 + TOL):
+            self.triggers += 1
+            self.hold_left = HOLD
+        if self.observations == 0:
+            self.mu = x
+        else:
+            d = x - self.mu
+            self.mu += ALPHA * d
+            self.var = (1.0 - ALPHA) * (self.var + ALPHA * d * d)
+        self.observations += 1
+        if measured_w > 0.0 and model_w > 0.0 and math.isfinite(measured_w) and math.isfinite(model_w):
+            r = measured_w / model_w
+            self.power_factor = r if self.power_observations == 0 else self.power_factor + ALPHA * (r - self.power_factor)
+            self.power_observations += 1
+        old = self.time_factor
+        self.time_factor = math.exp(min(_LOG_LIMIT, max(-_LOG_LIMIT, self.mu + Z * math.sqrt(self.var))))
+        return self.time_factor != old
+
+    def take_hold(self) -> bool:
+        """True when this decision must use the top clock (counts the hold down)."""
+        if self.hold_left > 0:
+            self.hold_left -= 1
+            return True
+        return False
+
+    def apply(self, base_coef: NDArray[np.float64], coef: NDArray[np.float64]) -> None:
+        """Write ``base_coef`` with its time terms scaled by ``time_factor`` into ``coef``."""
+        coef[:] = base_coef
+        for i in _TIME_COEFS:
+            coef[i] = base_coef[i] * self.time_factor
+
+
+def model_time_at(clocks_mhz: NDArray[np.int64], times_s: NDArray[np.float64], freq_mhz: float) -> float:
+    """The model's time at ``freq_mhz`` from its times on the controller's clocks (interpolated
+    between them when the read-back clock is not one of the set; held flat outside it)."""
+    return float(np.interp(freq_mhz, clocks_mhz, times_s))
