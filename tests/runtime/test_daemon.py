@@ -176,3 +176,42 @@ def test_over_real_sockets_commands_heartbeats_plan_and_garbage(tmp_path, profil
             s.close(0)
         ctx.term()
     assert daemon.state is DaemonState.STOPPED
+
+
+def _decode_at(seq, freq_mhz, iteration_s, ctx=(1200, 700)):
+    return bytes(ENC.encode(MsgType.DECODE_REPORT, DecodeReport(
+        "d0", 5, seq, 111, 10.0 + seq, 0.1, iteration_s, freq_mhz, first_token_s=f64(9.0, 9.8),
+        tokens_out=i64(12 + seq, 4 + seq), context_tokens=i64(*ctx))))
+
+
+def test_the_next_report_feeds_back_the_iteration_decided_on(daemon):
+    """Report k+1 carries iteration k's measured time; the clock read at its start and at its end
+    (reports k and k+1) agree, so the daemon tells the controller, which learns the 30 % bias."""
+    ctl = daemon.slots["d0"].ctl
+    prof = daemon.profile
+    daemon.handle_report(_decode_at(1, 1200, 0.0), 1)
+    daemon._decide()
+    assert ctl.correction.observations == 0  # the first report has nothing to feed back
+    model_s = float(prof.decode_time_s(2, [1200, 700], 1200))
+    daemon.handle_report(_decode_at(2, 1200, 1.3 * model_s), 2)
+    daemon._decide()
+    assert ctl.correction.observations == 1
+    assert ctl.correction.last_model_error == pytest.approx(0.3, rel=1e-6)
+    assert daemon.metrics.prediction_error.labels("d0", "model")._value.get() == pytest.approx(0.3, rel=1e-6)
+    assert daemon.metrics.correction.labels("d0")._value.get() > 1.3
+    assert daemon.metrics.safety.labels("d0")._value.get() == 1  # 30 % over the prediction: top clock for a while
+    assert daemon._outbox[-1][1].freq_mhz == 1980
+
+
+def test_no_feedback_when_the_clock_changed_or_a_report_was_skipped(daemon):
+    ctl = daemon.slots["d0"].ctl
+    daemon.handle_report(_decode_at(1, 1200, 0.0), 1)
+    daemon._decide()
+    daemon.handle_report(_decode_at(2, 1500, 0.05), 2)  # clock changed during iteration 1: unknown
+    daemon._decide()
+    daemon.handle_report(_decode_at(4, 1500, 0.05), 3)  # report 3 never decided on: no match
+    daemon._decide()
+    assert ctl.correction.observations == 0
+    daemon.handle_report(_decode_at(5, 1500, 0.05), 4)  # follows 4, same clock: learnt
+    daemon._decide()
+    assert ctl.correction.observations == 1

@@ -225,3 +225,61 @@ def test_nvml_actuator_process_on_the_simulated_nvml(tmp_path: Path, monkeypatch
             p.wait(30)
         router.close(0)
         ctx.term()
+
+
+BIAS = 0.2
+
+
+def test_the_daemon_learns_a_biased_truth(tmp_path: Path):
+    """Emulated engines on GPUs 20 % slower than the profile; the daemon learns it from the reports'
+    measured iteration times (prediction error before and after, from metrics)."""
+    state = tmp_path / "node.state"
+    port = free_port()
+    cfg = {
+        "format": 1,
+        "instances": [{"name": "p0", "phase": "prefill", "tp": 2, "gpus": [0, 1]},
+                      {"name": "d0", "phase": "decode", "tp": 2, "gpus": [2, 3]}],
+        "controller": {"report_address": f"ipc://{tmp_path}/r", "actuator_address": f"ipc://{tmp_path}/a",
+                       "heartbeat_s": 0.1, "metrics_port": port},
+        "actuator": {"controller_address": f"ipc://{tmp_path}/a", "deadman_s": 2.0, "status_period_s": 0.1,
+                     "sim": {"gpus": 4, "switch_delay_s": 0.02, "state_file": str(state)}},
+    }
+    path = tmp_path / "runtime.toml"
+    path.write_bytes(tomli_w.dumps(cfg).encode())
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        with open(tmp_path / f"{name}.log", "w") as log:
+            p = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        procs.append(p)
+        return p
+
+    try:
+        actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim")
+        wait_for("the actuator's simulated node", state.exists, procs=[actuator])
+        start("serve", "-m", "dualscale.cli", "serve", "--config", str(path), "--metrics-port", str(port))
+        start("worker", "-m", "dualscale.runtime.emulate", "--config", str(path), "--prefill", "p0", "--decode", "d0",
+              "--state-file", str(state), "--rate", "3", "--duration", "600", "--latency-bias", str(BIAS))
+
+        def learnt(instance: str, n: int):
+            return lambda: total(scrape(port), "dualscale_feedback_iterations_total", instance=instance) >= n
+
+        wait_for("decode feedback", learnt("d0", 40), timeout_s=120, procs=procs)
+        wait_for("prefill feedback", learnt("p0", 10), timeout_s=120, procs=procs)
+        m = scrape(port)
+        for inst in ("p0", "d0"):
+            before = total(m, "dualscale_prediction_error_ratio", instance=inst, basis="model")
+            after = total(m, "dualscale_prediction_error_ratio", instance=inst, basis="corrected")
+            factor = total(m, "dualscale_latency_correction_ratio", instance=inst)
+            print(f"{inst}: profile error {before:+.3f}, corrected error {after:+.3f}, factor {factor:.3f}")
+            # the profile alone under-predicts by the bias; corrected, the prediction is on the safe
+            # side (the factor carries 2 sd of the recent spread) and close to the truth
+            assert abs(before - BIAS) < 0.01
+            assert -0.1 < after <= 0.005
+            assert 1.0 + BIAS <= factor < 1.0 + BIAS + 0.1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(30)

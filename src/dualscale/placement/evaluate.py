@@ -117,8 +117,13 @@ def _pool(runs: Sequence[RunResult], scenario: Scenario) -> dict[str, float]:
 
 
 def run_workload(name: str, load: float, trace: Trace, scenario: Scenario, profile: Profile,
-                 table: GoodputTable, settings: EvalSettings, distserve: PlacementPlan) -> list[EvalRow]:
-    """Every policy over ``trace``, planned window by window."""
+                 table: GoodputTable, settings: EvalSettings, distserve: PlacementPlan,
+                 policies: Sequence[str] = POLICIES) -> list[EvalRow]:
+    """Each of ``policies`` (default: every one) over ``trace``, planned window by window. Savings
+    are against DistServe when it is among them."""
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"policies: {unknown} not among {POLICIES}")
     wins = _windows(trace, settings.window_s)
     plans = []
     prev_rate = None
@@ -130,7 +135,7 @@ def run_workload(name: str, load: float, trace: Trace, scenario: Scenario, profi
         prev_rate = observed
     rows = []
     pooled = {}
-    for policy in POLICIES:
+    for policy in policies:
         runs = []
         for w, plan in zip(wins, plans):
             use = distserve if policy == "distserve" else plan
@@ -138,16 +143,16 @@ def run_workload(name: str, load: float, trace: Trace, scenario: Scenario, profi
                               profile, scenario)
             runs.append(Simulation(scenario, profile, w, pol, placement=_placement(use)).run())
         pooled[policy] = (_pool(runs, scenario), [distserve] * len(wins) if policy == "distserve" else plans)
-    base = pooled["distserve"][0]
-    for policy in POLICIES:
+    base = pooled["distserve"][0] if "distserve" in pooled else None
+    for policy in policies:
         p, used = pooled[policy]
         rows.append(EvalRow(
             workload=name, load=load, rate_per_s=len(trace) / max(trace.duration_s, 1e-9), policy=policy,
             requests=p["requests"], completed=p["completed"],
             energy_j={"prefill": p["prefill_j"], "decode": p["decode_j"], "total": p["prefill_j"] + p["decode_j"]},
             j_per_token={"prefill": p["prefill_j_per_token"], "decode": p["decode_j_per_token"]},
-            saving_vs_distserve={"prefill": 1 - p["prefill_j"] / base["prefill_j"],
-                                 "decode": 1 - p["decode_j"] / base["decode_j"]},
+            saving_vs_distserve={} if base is None else {"prefill": 1 - p["prefill_j"] / base["prefill_j"],
+                                                         "decode": 1 - p["decode_j"] / base["decode_j"]},
             ttft_p99_s=p["ttft_p99_s"], tpot_p99_s=p["tpot_p99_s"], slo_met=p["met"],
             gpus_mean=float(np.mean([u.gpus_used for u in used])),
             infeasible_windows=sum(not u.feasible for u in used), windows=len(used)))
