@@ -215,11 +215,21 @@ class MlEnergyDecode:
     avg_output_tokens: NDArray[np.float64]
 
 
-def mlenergy_decode(data_dir: Path, gpus: int = 4) -> MlEnergyDecode:
+MLENERGY_CHAT = Path("mlenergy_leaderboard") / "lm-arena-chat_configs_flat.csv"
+
+
+def mlenergy_h100_tp(data_dir: Path, model_id: str) -> list[int]:
+    """TP degrees of ``model_id``'s H100 lm-arena-chat rows that use one TP group (num_gpus = TP)."""
+    return sorted({int(r["tensor_parallel"]) for r in _rows(data_dir / MLENERGY_CHAT)
+                   if r["model_id"] == model_id and r["gpu_model"] == "H100"
+                   and r["num_gpus"] == r["tensor_parallel"]})
+
+
+def mlenergy_decode(data_dir: Path, gpus: int = 4, model_id: str = "meta-llama/Llama-3.3-70B-Instruct") -> MlEnergyDecode:
     rows = [
         r
-        for r in _rows(data_dir / "mlenergy_leaderboard" / "lm-arena-chat_configs_flat.csv")
-        if r["model_id"] == "meta-llama/Llama-3.3-70B-Instruct"
+        for r in _rows(data_dir / MLENERGY_CHAT)
+        if r["model_id"] == model_id
         and r["gpu_model"] == "H100"
         and int(r["num_gpus"]) == gpus
         and int(r["tensor_parallel"]) == gpus

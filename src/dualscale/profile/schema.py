@@ -45,7 +45,7 @@ class _Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pass
 
 
-class Gpu(_Frozen):
+class Gpu(_Frozen, omit_defaults=True):
     name: str
     memory_bytes: Annotated[int, msgspec.Meta(gt=0)]
     usable_memory_bytes: Annotated[int, msgspec.Meta(gt=0)]
@@ -54,6 +54,9 @@ class Gpu(_Frozen):
     clock_max_mhz: Annotated[int, msgspec.Meta(gt=0)]
     clock_step_mhz: Annotated[int, msgspec.Meta(gt=0)]
     source: Source
+    #: Datasheet HBM bandwidth, bytes/s; 0 = not given. Only `profile derive` reads it (to split a
+    #: step's fixed time into weight streaming and per-layer overhead).
+    memory_bandwidth_bytes_per_s: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     def __post_init__(self) -> None:
         check(self.clock_max_mhz > self.clock_min_mhz, "gpu.clock_max_mhz", self.clock_max_mhz,
@@ -65,7 +68,7 @@ class Gpu(_Frozen):
               self.usable_memory_bytes, f"must be <= gpu.memory_bytes = {self.memory_bytes}")
 
 
-class Model(_Frozen):
+class Model(_Frozen, omit_defaults=True):
     name: str
     layers: Annotated[int, msgspec.Meta(gt=0)]
     hidden_size: Annotated[int, msgspec.Meta(gt=0)]
@@ -75,6 +78,10 @@ class Model(_Frozen):
     bytes_per_param: Annotated[int, msgspec.Meta(gt=0)]
     kv_block_tokens: Annotated[int, msgspec.Meta(gt=0)]
     source: Source
+    #: Linear-layer token-equivalents of one (query, key) attention pair, when the geometry formula
+    #: of :attr:`attention_token_equiv` does not hold (heads x head_dim != hidden size, embeddings
+    #: counted in ``params``): `profile derive` sets it from the full geometry. 0 = the formula.
+    attention_pair_token_equiv: NonNeg = 0.0
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -87,7 +94,10 @@ class Model(_Frozen):
 
     @property
     def attention_token_equiv(self) -> float:
-        """Linear-layer token-equivalents of one (query, key) attention pair: 4*d*L / (2*params) FLOPs."""
+        """Linear-layer token-equivalents of one (query, key) attention pair: 4*d*L / (2*params) FLOPs
+        (or ``attention_pair_token_equiv`` when given)."""
+        if self.attention_pair_token_equiv > 0:
+            return self.attention_pair_token_equiv
         return 4.0 * self.hidden_size * self.layers / (2.0 * self.params)
 
 

@@ -16,7 +16,9 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import least_squares
 
+from dualscale.errors import ConfigError
 from dualscale.profile import datasets as ds
+from dualscale.profile import derive
 from dualscale.profile.fit import MLENERGY_PROMPT_TOKENS, MLENERGY_WEIGHT, fit, load_inputs, mlenergy_as_batches
 from dualscale.profile.model import Profile
 
@@ -30,6 +32,8 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
     target_pct: float | None
     met: bool | None
     note: str = ""
+    #: Median absolute error, % (the derive held-out checks are scored on it).
+    median_err_pct: float | None = None
 
 
 def _result(check: str, dataset: str, pred: NDArray[np.float64], ref: NDArray[np.float64],
@@ -38,7 +42,8 @@ def _result(check: str, dataset: str, pred: NDArray[np.float64], ref: NDArray[np
     mape = float(err.mean())
     return CheckResult(check=check, dataset=dataset, n=int(err.size), mape_pct=round(mape, 3),
                        max_err_pct=round(float(err.max()), 3), target_pct=target,
-                       met=None if target is None else mape <= target, note=note)
+                       met=None if target is None else mape <= target, note=note,
+                       median_err_pct=round(float(np.median(err)), 3))
 
 
 def _batch_eval(profile: Profile, phase: str, b: ds.Batches) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -92,6 +97,65 @@ def check_mlenergy_heldout(data: Path, max_fit_batch: int = 40) -> list[CheckRes
     return [_result("decode_power_max_clock_heldout_batches", "mlenergy_leaderboard", p, top.power_w[held], None,
                     f"profile refitted without ML.ENERGY's {int(held.sum())} batches above {max_fit_batch} (latency "
                     f"and power); error on those batches only (their step time MAPE: {t_err:.1f} %)")]
+
+
+#: Target of the derive held-out checks: median over models of each model's median error, %.
+DERIVE_TARGET_PCT = 10.0
+
+
+def check_derived(profile: Profile, data: Path) -> list[CheckResult]:
+    """Held out: derive every shipped model config from ``profile``; error on that model's ML.ENERGY H100 rows.
+
+    None of these models (nor their ML.ENERGY rows) went into the base profile's fit. Each model is
+    scored on the median error over its rows (all batch sizes, every TP degree it was measured at);
+    the summary rows take the median of those over models (target: DERIVE_TARGET_PCT).
+    """
+    try:
+        base_geom = derive.base_geometry(profile.config)
+    except ConfigError:
+        return []  # no shipped config for the base model: nothing to derive from
+    top = float(profile.clocks_mhz[-1])
+    out: list[CheckResult] = []
+    medians: dict[str, list[float]] = {"time": [], "power": []}
+    for path in sorted(derive.models_dir().glob("*.json")):
+        geom = derive.read_config(path)
+        tps = ds.mlenergy_h100_tp(data, geom.name)
+        if geom.name == profile.config.model.name or not tps:
+            continue
+        prof = Profile(derive.derive(profile.config, base_geom, geom, name=f"derived-{path.stem}"))
+        pred: dict[str, list[NDArray[np.float64]]] = {"time": [], "power": []}
+        ref: dict[str, list[NDArray[np.float64]]] = {"time": [], "power": []}
+        missing = [tp for tp in tps if tp not in prof.tp_degrees]
+        for tp in (tp for tp in tps if tp in prof.tp_degrees):
+            m = ds.mlenergy_decode(data, tp, geom.name)
+            b = mlenergy_as_batches(m, top, MLENERGY_PROMPT_TOKENS)
+            t, p = _batch_eval(prof, "decode", dataclasses.replace(b, tp=np.full(len(b), tp, dtype=np.int64)))
+            pred["time"].append(t)
+            pred["power"].append(p)
+            ref["time"].append(m.itl_s)
+            ref["power"].append(m.power_w)
+        if not pred["time"]:
+            continue
+        same = " (same geometry as the base model: a check of the data, not of the scaling)" \
+            if geom.params == base_geom.params and geom.layers == base_geom.layers else ""
+        note = (f"{geom.name}{same}: derived from {profile.name} (config {path.name}); H100 TP "
+                f"{[tp for tp in tps if tp in prof.tp_degrees]} at {top:.0f} MHz, every batch size; median ITL; "
+                f"contexts assume a mean prompt of {MLENERGY_PROMPT_TOKENS} tokens"
+                + (f"; TP {missing} measured but not derivable" if missing else ""))
+        for q, label in (("time", "decode_step_time"), ("power", "decode_power")):
+            r = _result(f"derive_{label}[{geom.name}]", "mlenergy_leaderboard", np.concatenate(pred[q]),
+                        np.concatenate(ref[q]), None, note)
+            out.append(r)
+            medians[q].append(r.median_err_pct or 0.0)
+    for q, label in (("time", "decode_step_time"), ("power", "decode_power")):
+        if medians[q]:
+            med = float(np.median(medians[q]))
+            out.append(CheckResult(
+                check=f"derive_{label}_heldout_models", dataset="mlenergy_leaderboard", n=len(medians[q]),
+                mape_pct=round(float(np.mean(medians[q])), 3), max_err_pct=round(max(medians[q]), 3),
+                target_pct=DERIVE_TARGET_PCT, met=med <= DERIVE_TARGET_PCT, median_err_pct=round(med, 3),
+                note=f"median over {len(medians[q])} models of each model's median {q} error (n = models)"))
+    return out
 
 
 def check_lut(profile: Profile, data: Path) -> list[CheckResult]:
@@ -243,4 +307,5 @@ def validate(profile: Profile, data: Path) -> list[CheckResult]:
         *check_perseus(data),
         *check_splitwise(profile, data),
         *check_kv(profile, data),
+        *check_derived(profile, data),
     ]
