@@ -70,6 +70,39 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", type=Path, default=None,
                      help="where to write the profile TOML (default: print to stdout)")
 
+    der = psub.add_parser(
+        "derive", help="a starting profile for another dense model on a profiled GPU, from its config.json",
+        description=(
+            "Scale a base profile of the same GPU to another dense transformer, from its Hugging Face\n"
+            "config.json (layers, hidden size, heads, KV heads, head_dim, MLP width, vocabulary, dtype,\n"
+            "tied embeddings, sliding windows). The GPU's clock and power curves are kept; each latency\n"
+            "term is scaled by the model's work per GPU: weight bytes streamed per step (+ per-layer\n"
+            "overhead), KV bytes per context token, linear-layer and attention FLOPs per token. Every TP\n"
+            "degree of 1, 2, 4, 8 the model fits in is written (weights + --min-kv-tokens of KV per\n"
+            "instance); a degree the base lacks (TP1) is scaled from the nearest one. Every number says\n"
+            "where it came from (`source`). No measurement of the new model goes in: check the result\n"
+            "with `dualscale profile show` and calibrate on your own node when you can.\n\n"
+            "Refused, naming the field: missing or absurd geometry, mixture-of-experts, state-space\n"
+            "hybrids, quantized checkpoints, a dtype other than the base's.\n\n"
+            "examples:\n"
+            "  dualscale profile derive --config path/to/config.json --from h100-sxm-llama-3.3-70b --out my.toml\n"
+            "  dualscale profile derive --config Qwen/Qwen3-8B --out qwen3-8b.toml   # a shipped config, by id\n"
+            "  dualscale profile show my.toml --tp 1"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    der.add_argument("--config", required=True, metavar="CONFIG_JSON",
+                     help="the model's config.json, or the id of a shipped one (configs/models: e.g. Qwen/Qwen3-8B)")
+    der.add_argument("--from", dest="base", default=DEFAULT_PROFILE, metavar="PROFILE",
+                     help=f"base profile (built-in name or TOML) of the same GPU (default: {DEFAULT_PROFILE})")
+    der.add_argument("--out", type=Path, default=None, help="where to write the profile TOML (default: stdout)")
+    der.add_argument("--name", help="profile name (default: the --out file's stem)")
+    der.add_argument("--base-config", metavar="CONFIG_JSON",
+                     help="the base model's config.json (default: the shipped config of the base profile's model)")
+    der.add_argument("--min-kv-tokens", type=int, default=4096,
+                     help="KV cache an instance must hold besides the weights for a TP degree to count "
+                          "(default: %(default)s)")
+
     val = psub.add_parser(
         "validate", help="error of a profile on every public dataset it follows",
         description=(
@@ -236,6 +269,27 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     else:
         write_atomic(args.out, data)
         print(f"wrote {args.out} ({len(data)} bytes)", file=sys.stderr)
+    return 0
+
+
+def _cmd_derive(args: argparse.Namespace) -> int:
+    from dualscale.profile import Profile, derive
+
+    if args.min_kv_tokens < 1:
+        raise ValueError(f"--min-kv-tokens = {args.min_kv_tokens}: must be >= 1")
+    base = Profile.load(args.base).config
+    geom = derive.read_config(args.config)
+    name = args.name or (args.out.stem if args.out is not None else f"{base.name}-derived-{geom.name.split('/')[-1]}")
+    cfg = derive.derive(base, derive.base_geometry(base, args.base_config), geom, name=name,
+                        min_kv_tokens=args.min_kv_tokens)
+    data = derive.to_toml(cfg)
+    Profile(cfg)  # everything the profile loader checks, before anything is written
+    if args.out is None:
+        sys.stdout.write(data.decode())
+    else:
+        write_atomic(args.out, data)
+        tps = ", ".join(f"TP{c.tp}" for c in cfg.latency.prefill)
+        print(f"wrote {args.out}: {geom.name} on {base.gpu.name}, {tps}", file=sys.stderr)
     return 0
 
 
@@ -412,7 +466,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {("profile", "show"): _cmd_show, ("profile", "fit"): _cmd_fit, ("profile", "validate"): _cmd_validate,
+    handlers = {("profile", "show"): _cmd_show, ("profile", "fit"): _cmd_fit, ("profile", "derive"): _cmd_derive,
+                ("profile", "validate"): _cmd_validate,
                 ("simulate", None): _cmd_simulate, ("plan", None): _cmd_plan, ("evaluate", None): _cmd_evaluate,
                 **runtime_cli.HANDLERS}
     try:

@@ -343,15 +343,17 @@ def derive(base: ProfileConfig, base_geom: Geometry, new: Geometry, *, name: str
     cr = base.clock_response
     power = []
     for tp in tps:
-        src = _nearest(tp, have)
+        # busy power follows the work per GPU, not the TP number: the curves of the base TP degree
+        # whose GPUs hold the nearest weight share (log scale)
+        src = min(have, key=lambda t: (abs(math.log(r_stream * t / tp)), t))
         own = cr.power_curves(src)
         if own is cr:
-            continue  # the shared curves already apply
+            continue  # the shared curves apply
         power.append(TpPower(tp=tp, prefill_mem_power_w=own.prefill_mem_power_w,
                              prefill_comp_power_w=own.prefill_comp_power_w,
                              decode_mem_power_w=own.decode_mem_power_w, decode_comp_power_w=own.decode_comp_power_w,
-                             source=f"{base.name}'s TP{src} busy power curves, kept (same GPU"
-                                    + (")" if src == tp else f"; TP{tp} not in the base: nearest TP)")))
+                             source=f"{base.name}'s TP{src} busy power curves (same GPU; TP{src} is the base TP whose "
+                                    f"GPUs stream the nearest weight share: x{r_stream * src / tp:.3g} of it here)"))
     skipped = "; ".join(f"TP{f.tp}: {f.reason}" for f in fits if not f.fits)
     model = Model(
         name=n.name, layers=n.layers, hidden_size=n.hidden_size, kv_heads=n.kv_heads, head_dim=n.head_dim,
