@@ -41,7 +41,7 @@ import tomli_w
 
 from dualscale.config import builtin_config_dir
 from dualscale.errors import ConfigError
-from dualscale.profile.schema import ClockResponse, Coefficients, Latency, Model, ProfileConfig, TpPower
+from dualscale.profile.schema import Coefficients, Latency, Model, ProfileConfig, TpPower
 
 #: Bytes per weight of the dtypes a dense bf16/fp16/fp32 checkpoint declares.
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
