@@ -132,6 +132,33 @@ def test_sliding_window_layers_read_a_window(base):
     assert win.decode_time_s(2, long_ctx, 1980.0) < nowin.decode_time_s(2, long_ctx, 1980.0)
 
 
+def test_derivations_compose(base, tmp_path):
+    """70B -> Qwen3-8B -> Qwen3-14B gives Qwen3-14B's coefficients of 70B -> Qwen3-14B: every rule is a ratio
+    of work, and the streaming part of the fixed time is bytes / bandwidth at each step."""
+    bg = derive.base_geometry(base.config)
+    q8, q14 = derive.read_config("Qwen/Qwen3-8B"), derive.read_config("Qwen/Qwen3-14B")
+    mid = derive.derive(base.config, bg, q8, name="q8")
+    chained = Profile(derive.derive(mid, q8, q14, name="a"))
+    direct = Profile(derive.derive(base.config, bg, q14, name="b"))
+    assert chained.tp_degrees == direct.tp_degrees == (1, 2, 4, 8)
+    for tp in direct.tp_degrees:
+        for phase in ("prefill", "decode"):
+            np.testing.assert_allclose(chained.coefficients(phase, tp), direct.coefficients(phase, tp),
+                                       rtol=2 * ROUNDING_RTOL)  # rounded twice
+
+
+def test_tied_embeddings_default_follows_the_model_family(base_cfg):
+    untied = {k: v for k, v in base_cfg.items() if k != "tie_word_embeddings"}
+    assert not derive.parse_config(untied, "<llama>").tie_word_embeddings
+    gemma = json.loads((derive.models_dir() / "google--gemma-3-27b-it.json").read_text())
+    del gemma["text_config"]["tie_word_embeddings"]
+    g = derive.parse_config(gemma, "<gemma>")
+    gemma["text_config"]["tie_word_embeddings"] = False
+    untied_g = derive.parse_config(gemma, "<gemma untied>")
+    assert g.tie_word_embeddings and untied_g.params - g.params == g.vocab_size * g.hidden_size
+    assert untied_g.streamed_params == g.streamed_params  # the lm_head is read once a step either way
+
+
 def test_shipped_configs_all_derive(base):
     names = sorted(p.stem for p in derive.models_dir().glob("*.json"))
     assert len(names) >= 8

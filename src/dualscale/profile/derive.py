@@ -189,7 +189,8 @@ def parse_config(raw: object, source: str, name: str = "") -> Geometry:
     head_dim = _int(cfg, "head_dim", source, default=hidden // heads)
     inter = _int(cfg, "intermediate_size", source)
     vocab = _int(cfg, "vocab_size", source)
-    tie = cfg.get("tie_word_embeddings", False)
+    # absent: the model class's default (Gemma ties its embeddings, Llama/Qwen/Mistral do not)
+    tie = cfg.get("tie_word_embeddings", str(cfg.get("model_type", "")).startswith("gemma"))
     if not isinstance(tie, bool):
         raise _fail(source, "tie_word_embeddings", tie, "must be true or false")
     dtype_key = "torch_dtype" if "torch_dtype" in cfg else "dtype"
@@ -369,7 +370,8 @@ def derive(base: ProfileConfig, base_geom: Geometry, new: Geometry, *, name: str
                 f"pair (4 x heads x head_dim x full-attention layers) over linear FLOPs per token, relative to the base"
                 + (f"; not fitting: {skipped}" if skipped else "")),
     )
-    gpu = base.gpu if bw is None else msgspec.structs.replace(base.gpu, memory_bandwidth_bytes_per_s=int(bw))
+    gpu = base.gpu if bw is None or base.gpu.memory_bandwidth_bytes_per_s else msgspec.structs.replace(
+        base.gpu, memory_bandwidth_bytes_per_s=int(bw), source=f"{base.gpu.source}; memory_bandwidth_bytes_per_s: {bw_source}")
     return ProfileConfig(
         format=base.format, name=name,
         description=(f"{base.gpu.name} x {n.name} ({n.dtype}), TP {'/'.join(map(str, tps))}; derived from "
