@@ -344,17 +344,19 @@ def derive(base: ProfileConfig, base_geom: Geometry, new: Geometry, *, name: str
     cr = base.clock_response
     power = []
     for tp in tps:
-        # busy power follows the work per GPU, not the TP number: the curves of the base TP degree
-        # whose GPUs hold the nearest weight share (log scale)
-        src = min(have, key=lambda t: (abs(math.log(r_stream * t / tp)), t))
+        # the same base TP degree as the coefficients: its curves carry that degree's all-reduce share
+        # of a step. The weight share per GPU moves busy power too, and one base model cannot tell
+        # the two apart (picking curves by weight share instead did better on TP2 models with half
+        # the base's share and worse on 8B models at TP1, against ML.ENERGY)
+        src = _nearest(tp, have)
         own = cr.power_curves(src)
         if own is cr:
             continue  # the shared curves apply
         power.append(TpPower(tp=tp, prefill_mem_power_w=own.prefill_mem_power_w,
                              prefill_comp_power_w=own.prefill_comp_power_w,
                              decode_mem_power_w=own.decode_mem_power_w, decode_comp_power_w=own.decode_comp_power_w,
-                             source=f"{base.name}'s TP{src} busy power curves (same GPU; TP{src} is the base TP whose "
-                                    f"GPUs stream the nearest weight share: x{r_stream * src / tp:.3g} of it here)"))
+                             source=f"{base.name}'s TP{src} busy power curves, kept (same GPU"
+                                    + (")" if src == tp else f"; TP{tp} not in the base: nearest TP)")))
     skipped = "; ".join(f"TP{f.tp}: {f.reason}" for f in fits if not f.fits)
     model = Model(
         name=n.name, layers=n.layers, hidden_size=n.hidden_size, kv_heads=n.kv_heads, head_dim=n.head_dim,
