@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import tomli_w
 
 from dualscale.config import builtin_config_dir
 from dualscale.errors import ConfigError
-from dualscale.profile.schema import Coefficients, Latency, Model, ProfileConfig, TpPower
+from dualscale.profile.schema import Coefficients, Latency, Model, ProfileConfig, TpPower, dump_toml
 
 #: Bytes per weight of the dtypes a dense bf16/fp16/fp32 checkpoint declares.
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -402,4 +401,4 @@ def to_toml(cfg: ProfileConfig) -> bytes:
         "# same GPU. No measurement of this model went into it: calibrate before trusting it. Units are in\n"
         "# the field names; `source` says how every number was derived. Model: dualscale/profile/schema.py.\n"
     )
-    return header.encode() + tomli_w.dumps(msgspec.to_builtins(cfg)).encode()
+    return dump_toml(cfg, header)

@@ -27,6 +27,7 @@ import math
 from typing import Annotated
 
 import msgspec
+import tomli_w
 
 from dualscale.config import check
 
@@ -214,3 +215,8 @@ class ProfileConfig(_Frozen):
         for i, p in enumerate(self.clock_response.power_by_tp):
             check(p.tp in tps, f"clock_response.power_by_tp[{i}].tp", p.tp,
                   f"must be one of the profile's TP degrees {tps} (latency.prefill)")
+
+
+def dump_toml(cfg: ProfileConfig, header: str) -> bytes:
+    """The profile file: ``header`` (comment lines saying what wrote it) and the TOML of ``cfg``."""
+    return header.encode() + tomli_w.dumps(msgspec.to_builtins(cfg)).encode()
