@@ -55,7 +55,6 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
-import tomli_w
 from numpy.typing import NDArray
 from scipy.optimize import least_squares
 
@@ -70,6 +69,7 @@ from dualscale.profile.schema import (
     Model,
     ProfileConfig,
     TpPower,
+    dump_toml,
 )
 
 PROFILE_NAME = "h100-sxm-llama-3.3-70b"
@@ -456,4 +456,4 @@ def to_toml(cfg: ProfileConfig) -> bytes:
         "# with a sweep of your own hardware). Units are in the field names; `source` says where\n"
         "# every number comes from. Model: see dualscale/profile/schema.py.\n"
     )
-    return header.encode() + tomli_w.dumps(msgspec.to_builtins(cfg)).encode()
+    return dump_toml(cfg, header)
