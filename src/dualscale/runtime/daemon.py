@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from dualscale.control import make_controller
+from dualscale.control import DecodeController, PrefillController, make_controller
 from dualscale.errors import ProtocolError
 from dualscale.profile import Profile
 from dualscale.runtime.config import InstanceSpec, RuntimeConfig
