@@ -22,12 +22,12 @@ def controllers(profile):
         for mode in ("request", "tbt")
         for name, clocks in (("paper", PAPER_CLOCKS), ("full", None))
     }
-    ctls[("power", "full")] = dualscale.DecodeController(profile, tp=4, tpot_slo_s=0.1, objective="power")
+    ctls[("energy", "full")] = dualscale.DecodeController(profile, tp=4, tpot_slo_s=0.1, objective="energy")
     return ctls
 
 
 @pytest.mark.parametrize("case", [("request", "paper"), ("request", "full"), ("tbt", "paper"), ("tbt", "full"),
-                                  ("power", "full")])
+                                  ("energy", "full")])
 @given(b=decode_batches(), kv=st.sampled_from([0.0, 0.89, 0.9, 1.0]))
 def test_decisions_keep_the_guarantees(controllers, case, b, kv):
     ctl = controllers[case]
@@ -71,7 +71,7 @@ def test_a_smaller_budget_never_lowers_the_clock(profile, b, slo, shrink, later_
 
 def test_picks_least_energy_not_lowest_feasible(profile):
     """With a loose budget the least-energy clock sits above the lowest clock (the U-shaped curve)."""
-    ctl = dualscale.DecodeController(profile, tp=4, tpot_slo_s=10.0, slack="tbt")
+    ctl = dualscale.DecodeController(profile, tp=4, tpot_slo_s=10.0, slack="tbt", objective="energy")
     ctx = np.full(32, 1000)
     d = ctl.decide(100.0, np.full(32, 99.0), np.full(32, 10), ctx)
     t, w = profile.decode(4, ctx, ctl.clocks_mhz.astype(float))

@@ -11,10 +11,14 @@ the measured power. The controller keeps, per instance:
   bias is learnt in one iteration, not twenty);
 * the time factor it plans with, ``exp(mu + z * sd)``: the upper side of the recent ratios, so
   noise makes it plan slower, never faster (a deadline is missed by under-predicting time; over-
-  predicting it only costs energy);
-* the paper's safety rule: a measurement above the corrected prediction by more than ``tol`` (the
-  estimate was wrong) puts the instance on the top clock for the next ``hold`` decisions while the
-  estimate settles;
+  predicting it only costs energy). How far up depends on what the deadline sees: a TTFT is one
+  or a few prefill iterations, so prefill plans with ``z = 2`` (about the 98th percentile of the
+  noise); a TPOT is the mean of a request's many decode steps, and a step over its budget is
+  absorbed by the request's slack at the next one, so decode plans near the mean (``z = 0.5``):
+  its bias must be learnt, its noise averages out;
+* the paper's safety rule: a measurement beyond the spread the estimate expects (above
+  ``exp(mu + 3 sd) * (1 + tol)``: the estimate was wrong, e.g. the GPU started throttling) puts the
+  instance on the top clock for the next ``hold`` decisions while the estimate settles;
 * a power factor (mean of measured / predicted power), which rescales the reported energy only:
   multiplying every clock's power by one factor changes no decision.
 
@@ -33,11 +37,14 @@ from dualscale._kernels import perf_model as pm
 
 #: EW weight of one observation (about 10 iterations of memory).
 ALPHA = 0.1
-#: Standard deviations above the mean log-ratio that the controller plans with.
+#: Standard deviations above the mean log-ratio that the controller plans with (prefill; decode: Z_DECODE).
 Z = 2.0
+Z_DECODE = 0.5
+#: A measurement this many standard deviations above the mean (and TOL more) triggers the safety rule.
+TRIGGER_Z = 3.0
 #: Spread assumed before the data says otherwise (log units: 5 %), so the first factors are cautious.
 SIGMA0 = 0.05
-#: A measurement this far above the corrected prediction (relative) triggers the top clock.
+#: Relative excess, beyond TRIGGER_Z standard deviations, that triggers the top clock.
 TOL = 0.05
 #: Decisions at the top clock after the safety rule fires.
 HOLD = 8
@@ -45,11 +52,15 @@ HOLD = 8
 #: (a stalled engine, a mis-matched report), not a model error to learn.
 FACTOR_LIMIT = 4.0
 _LOG_LIMIT = math.log(FACTOR_LIMIT)
+_LOG_TOL = math.log1p(TOL)
 _TIME_COEFS = (pm.C_BASE_S, pm.C_PER_REQUEST_S, pm.C_PER_CONTEXT_TOKEN_S, pm.C_PER_TOKEN_S)
 
 
 class Correction:
     """Per-instance latency and power correction (see the module docstring).
+
+    Args:
+        z: standard deviations of the log-ratio above its mean that the planned factor carries.
 
     Attributes:
         time_factor: factor on the model's time the controller plans with (1 before any observation).
@@ -61,10 +72,11 @@ class Correction:
         last_model_error: measured / uncorrected model prediction - 1 of the last observation.
     """
 
-    __slots__ = ("mu", "var", "time_factor", "power_factor", "observations", "power_observations", "triggers",
+    __slots__ = ("z", "mu", "var", "time_factor", "power_factor", "observations", "power_observations", "triggers",
                  "hold_left", "last_error", "last_model_error")
 
-    def __init__(self) -> None:
+    def __init__(self, z: float = Z) -> None:
+        self.z = float(z)
         self.reset()
 
     def reset(self) -> None:
@@ -92,7 +104,7 @@ class Correction:
         corrected_s = model_s * self.time_factor
         self.last_error = measured_s / corrected_s - 1.0
         self.last_model_error = measured_s / model_s - 1.0
-        if measured_s > corrected_s * (1.0 + TOL):
+        if x > self.mu + TRIGGER_Z * math.sqrt(self.var) + _LOG_TOL:
             self.triggers += 1
             self.hold_left = HOLD
         if self.observations == 0:
@@ -107,7 +119,7 @@ class Correction:
             self.power_factor = r if self.power_observations == 0 else self.power_factor + ALPHA * (r - self.power_factor)
             self.power_observations += 1
         old = self.time_factor
-        self.time_factor = math.exp(min(_LOG_LIMIT, max(-_LOG_LIMIT, self.mu + Z * math.sqrt(self.var))))
+        self.time_factor = math.exp(min(_LOG_LIMIT, max(-_LOG_LIMIT, self.mu + self.z * math.sqrt(self.var))))
         return self.time_factor != old
 
     def take_hold(self) -> bool:

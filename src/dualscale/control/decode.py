@@ -1,9 +1,9 @@
 """Decode fine tier: slack-aware SM clock of one decode instance, chosen before every step.
 
 The step budget comes from the running requests' TPOT slack (or, with ``slack="tbt"``, from the
-per-step target the paper uses as a proxy); the clock is the least-energy one whose predicted step
-time fits it, which avoids the wrong side of the U-shaped energy-vs-clock curve that "lowest
-feasible clock" can land on (DESIGN.md, "Decode decision").
+per-step target the paper uses as a proxy); the clock is the least-power one whose predicted step
+time fits it (or, with ``objective="energy"``, the least energy per step; DESIGN.md, "Decode
+decision", leaves the objective to measurement, and least power saves more: see the class).
 
 After each step, :meth:`DecodeController.observe` feeds back what was measured; the controller
 then plans with corrected step times and falls back to the top clock when a measurement exceeds
@@ -23,7 +23,7 @@ from dualscale import _validate as v
 from dualscale._kernels import perf_model as pm
 from dualscale._kernels import slack as sk
 from dualscale.control._clocks import resolve_clocks
-from dualscale.control.correction import Correction, model_time_at
+from dualscale.control.correction import Z_DECODE, Correction, model_time_at
 from dualscale.profile import Profile
 
 Slack = Literal["request", "tbt"]
@@ -63,17 +63,20 @@ class DecodeController:
         idle_freq_mhz: clock returned for an empty batch; ``None`` is the lowest of the set.
         slack: ``"request"`` (each request's accumulated TPOT slack) or ``"tbt"`` (fixed per-step
             target, the paper's proxy).
-        objective: ``"energy"`` (default, DESIGN.md: least tp x power x step time) or ``"power"``
-            (least power, i.e. usually the lowest clock that fits). A decode instance with work
-            runs steps back to back, so over time its energy is its power integrated; a slower
-            step lets the batch grow instead of costing more steps. In the simulator ``"power"``
-            saves more decode energy (see the project notes); the default follows DESIGN.md.
+        objective: ``"power"`` (default: least power, i.e. usually the lowest clock that fits) or
+            ``"energy"`` (least tp x power x step time). A decode instance with work runs steps
+            back to back, so over time its energy is its power integrated: a slower step lets
+            the batch grow instead of costing more steps, and energy per step is the wrong unit.
+            Measured (bench/decode_objective.py, README "Fine tier"): least power saves more decode
+            energy on every workload with the SLOs met, and never more than PlaceOnly's fixed
+            baseline clocks, which least energy per step did at 10-55 % load.
+        online_correction: learn from :meth:`observe` (default); False ignores the feedback.
     """
 
     def __init__(self, profile: Profile, tp: int, tpot_slo_s: float, margin: float = 0.05,
                  kv_guard: float = 0.9, clocks_mhz: Sequence[int] | NDArray[np.integer] | None = None,
                  idle_freq_mhz: int | None = None, slack: Slack = "request",
-                 objective: Objective = "energy", online_correction: bool = True) -> None:
+                 objective: Objective = "power", online_correction: bool = True) -> None:
         if not isinstance(profile, Profile):
             raise TypeError(f"profile: expected a dualscale.Profile, got {type(profile).__name__}")
         tp = v.whole("tp", tp, 1)
@@ -96,7 +99,7 @@ class DecodeController:
         self._coef = self._model_coef.copy()  # the model's, time terms scaled by the correction
         self.online_correction = bool(online_correction)
         #: what the controller has learnt from :meth:`observe`
-        self.correction = Correction()
+        self.correction = Correction(z=Z_DECODE)
         self._decided_factor = 0.0  # time factor of the last decision; 0: nothing to learn from
         self._table = np.ascontiguousarray(profile.clock_table("decode", tp, self.clocks_mhz))
         self._out = np.empty((2, self.clocks_mhz.size))
