@@ -177,6 +177,34 @@ def bench_decode(args, profile, progress) -> list[dict]:
     return rows
 
 
+def bench_feedback(profile) -> list[dict]:
+    """What the online correction adds: one ``observe`` after each decision (the measured iteration
+    a few percent off the prediction, so the estimate moves and the coefficients are rewritten)."""
+    rows = []
+    rng = np.random.default_rng(7)
+    pre = dualscale.PrefillController(profile, tp=4, ttft_slo_s=0.6)
+    dec = dualscale.DecodeController(profile, tp=4, tpot_slo_s=0.1)
+    b = 256
+    out = rng.integers(1, 1500, b)
+    first = 1000.0 - (out - 1) * 0.1 * rng.uniform(0.3, 1.0, b)
+    ctx = rng.integers(100, 4000, b) + out
+    cases = (("prefill", pre, lambda: pre.decide(10.0, [9.7, 9.9], [3000, 800], [2048, 0]), "batch_time_s"),
+             ("decode", dec, lambda: dec.decide(1000.0, first, out, ctx), "step_time_s"))
+    for phase, ctl, decide, attr in cases:
+        decide_s, observe_s = [], []
+        for _ in range(3000):
+            t0 = time.perf_counter()
+            d = decide()
+            t1 = time.perf_counter()
+            ctl.observe(getattr(d, attr) * rng.uniform(0.97, 1.03), d.freq_mhz, 400.0)
+            t2 = time.perf_counter()
+            decide_s.append(t1 - t0)
+            observe_s.append(t2 - t1)
+            ctl.correction.hold_left = 0  # time the plan, not the safety rule's shortcut
+        rows.append({"phase": phase, "decide": percentiles_us(decide_s), "observe": percentiles_us(observe_s)})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -192,6 +220,7 @@ def main() -> int:
     with Progress(console=console, transient=True) as progress:
         prefill = bench_prefill(args, profile, progress)
         decode = bench_decode(args, profile, progress)
+    feedback = bench_feedback(profile)
 
     t = Table(title="prefill decision latency (us) and energy gap to exact")
     for col in ("solver", "K", "clocks", "queue", "p50", "p99", "p99.9", "n", "x greedy", "<=1% gap", "gap max", "OSQP share", "iters"):
@@ -212,10 +241,17 @@ def main() -> int:
                   f"{r['p999_us']:.1f}", f"{r['numpy_p50_us']:.1f}", f"{r['numpy_vs_controller']:.1f}",
                   str(r["agrees_with_numpy"]))
     console.print(t)
+    t = Table(title="online correction: cost of observe() after a decision (us)")
+    for col in ("phase", "decide p50", "decide p99", "observe p50", "observe p99"):
+        t.add_column(col, justify="right")
+    for r in feedback:
+        t.add_row(r["phase"], f"{r['decide']['p50_us']:.1f}", f"{r['decide']['p99_us']:.1f}",
+                  f"{r['observe']['p50_us']:.1f}", f"{r['observe']['p99_us']:.1f}")
+    console.print(t)
     if args.json:
         meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                 "dualscale": dualscale.__version__, "args": {k: str(v) for k, v in vars(args).items() if k != "json"}}
-        args.json.write_text(json.dumps({"meta": meta, "prefill": prefill, "decode": decode}, indent=1))
+        args.json.write_text(json.dumps({"meta": meta, "prefill": prefill, "decode": decode, "feedback": feedback}, indent=1))
         console.print(f"wrote {args.json}")
     return 0
 

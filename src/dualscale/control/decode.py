@@ -23,7 +23,7 @@ from dualscale import _validate as v
 from dualscale._kernels import perf_model as pm
 from dualscale._kernels import slack as sk
 from dualscale.control._clocks import resolve_clocks
-from dualscale.control.correction import Z_DECODE, Correction, model_time_at
+from dualscale.control.correction import Z_DECODE, ClockIndex, Correction
 from dualscale.profile import Profile
 
 Slack = Literal["request", "tbt"]
@@ -101,6 +101,7 @@ class DecodeController:
         #: what the controller has learnt from :meth:`observe`
         self.correction = Correction(z=Z_DECODE)
         self._decided_factor = 0.0  # time factor of the last decision; 0: nothing to learn from
+        self._clock_index = ClockIndex(self.clocks_mhz)
         self._table = np.ascontiguousarray(profile.clock_table("decode", tp, self.clocks_mhz))
         self._out = np.empty((2, self.clocks_mhz.size))
         self._params = np.zeros(sk.N_PARAMS)
@@ -176,7 +177,8 @@ class DecodeController:
         factor, self._decided_factor = self._decided_factor, 0.0
         if not self.online_correction or factor == 0.0 or not freq_mhz > 0:
             return
-        model_s = model_time_at(self.clocks_mhz, self._out[pm.O_TIME_S], freq_mhz) / factor
-        model_w = model_time_at(self.clocks_mhz, self._out[pm.O_POWER_W], freq_mhz) if power_w > 0 else 0.0
+        at = self._clock_index.value_at
+        model_s = at(self._out[pm.O_TIME_S], freq_mhz) / factor
+        model_w = at(self._out[pm.O_POWER_W], freq_mhz) if power_w > 0 else 0.0
         if self.correction.observe(float(iteration_s), model_s, float(power_w), model_w):
             self.correction.apply(self._model_coef, self._coef)

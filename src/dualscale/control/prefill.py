@@ -32,7 +32,7 @@ from dualscale import _validate as v
 from dualscale._kernels import mpc
 from dualscale._kernels import perf_model as pm
 from dualscale.control._clocks import resolve_clocks
-from dualscale.control.correction import Correction, model_time_at
+from dualscale.control.correction import ClockIndex, Correction
 from dualscale.control.qp import QpResult, QpSettings, QpSolver, QpStatus, a_nnz
 from dualscale.profile import Profile
 
@@ -112,6 +112,7 @@ class PrefillController:
         #: what the controller has learnt from :meth:`observe`
         self.correction = Correction()
         self._decided_factor = 0.0  # time factor of the last decision; 0: nothing to learn from
+        self._clock_index = ClockIndex(self.clocks_mhz)
         self._params = np.zeros(mpc.N_PARAMS)
         self._params[mpc.P_TTFT_SLO_S] = self.ttft_slo_s
         self._params[mpc.P_MARGIN] = self.margin
@@ -250,12 +251,11 @@ class PrefillController:
         factor, self._decided_factor = self._decided_factor, 0.0
         if not self.online_correction or factor == 0.0 or not freq_mhz > 0:
             return
-        times = self._tables[mpc.TB_TIME_S, 0]
-        model_s = model_time_at(self.clocks_mhz, times, freq_mhz) / factor
+        at = self._clock_index.value_at
+        model_s = at(self._tables[mpc.TB_TIME_S, 0], freq_mhz) / factor
         model_w = 0.0
         if power_w > 0 and model_s > 0:
-            model_w = model_time_at(self.clocks_mhz, self._tables[mpc.TB_ENERGY_J, 0], freq_mhz) / (
-                self.tp * model_s * factor)
+            model_w = at(self._tables[mpc.TB_ENERGY_J, 0], freq_mhz) / (self.tp * model_s * factor)
         if self.correction.observe(float(iteration_s), model_s, float(power_w), model_w):
             self.correction.apply(self._model_coef, self._coef)
 
