@@ -63,8 +63,8 @@ def main() -> int:
         con.print(f"[dim]{time.perf_counter() - t0:6.0f} s[/dim] evaluation: decode objective {objective}")
         ev, _, _ = evaluate(with_objective(paper, objective), settings)
         for r in ev:
-            if r.policy == "distserve" and objective != OBJECTIVES[0]:
-                continue  # the same run under either objective
+            if r.policy != "dualscale" and objective != OBJECTIVES[0]:
+                continue  # DistServe and PlaceOnly never run the decode controller: the same runs
             rows.append({"workload": f"evaluate, {r.workload} {r.load:.0%}",
                          "objective": objective if r.policy == "dualscale" else "-", "policy": r.policy,
                          "saving_prefill": r.saving_vs_distserve["prefill"],
