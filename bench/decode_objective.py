@@ -11,15 +11,12 @@ PlaceOnly). Prints savings vs DistServe per phase, and whether the SLOs are met.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 
+import _rows
 import msgspec
 from rich.console import Console
-from rich.table import Table
 
 from dualscale.placement.evaluate import QUICK, EvalSettings, evaluate
 from dualscale.sim.run import build_trace, simulate
@@ -71,17 +68,9 @@ def main() -> int:
                          "saving_decode": r.saving_vs_distserve["decode"], "ttft_p99_s": r.ttft_p99_s,
                          "tpot_p99_s": r.tpot_p99_s, "slo_met": r.slo_met})
     rows.sort(key=lambda r: (str(r["workload"]), str(r["policy"]), str(r["objective"])))
-    t = Table(title="decode objective: savings vs DistServe, P99 latencies, SLOs met")
-    for col in ("workload", "policy", "decode objective", "saving P / D", "P99 TTFT s", "P99 TPOT ms", "SLO met"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(str(r["workload"]), str(r["policy"]), str(r["objective"]),
-                  f"{r['saving_prefill']:+.1%} / {r['saving_decode']:+.1%}", f"{r['ttft_p99_s']:.3f}",
-                  f"{float(r['tpot_p99_s']) * 1e3:.1f}", "yes" if r["slo_met"] else "[red]NO[/red]")
-    con.print(t)
+    _rows.show(con, "decode objective: savings vs DistServe, P99 latencies, SLOs met", "objective", rows)
     if args.json is not None:
-        args.json.write_text(json.dumps({"machine": platform.machine(), "python": sys.version.split()[0],
-                                         "wall_s": time.perf_counter() - t0, "rows": rows}, indent=1) + "\n")
+        _rows.write(args.json, rows, time.perf_counter() - t0)
         con.print(f"wrote {args.json}")
     return 0
 

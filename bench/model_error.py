@@ -16,15 +16,12 @@ and its savings stay within 5 percentage points of the no-error case.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 
+import _rows
 import msgspec
 from rich.console import Console
-from rich.table import Table
 
 from dualscale.placement.evaluate import EvalSettings, evaluate, run_workload
 from dualscale.placement.goodput import at_rate
@@ -113,17 +110,9 @@ def main() -> int:
         settings = msgspec.structs.replace(settings, trace_duration_s=600.0)
     rows = default_scenario(600.0 if args.quick else 0.0, say)
     rows += evaluation([0.67] if args.quick else [0.67, 0.85], settings, say)
-    t = Table(title="model error: savings vs DistServe under the same truth, P99 latencies, SLOs met")
-    for col in ("workload", "truth", "policy", "saving P / D", "P99 TTFT s", "P99 TPOT ms", "SLO met"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(str(r["workload"]), str(r["truth"]), str(r["policy"]),
-                  f"{r['saving_prefill']:+.1%} / {r['saving_decode']:+.1%}", f"{r['ttft_p99_s']:.3f}",
-                  f"{float(r['tpot_p99_s']) * 1e3:.1f}", "yes" if r["slo_met"] else "[red]NO[/red]")
-    con.print(t)
+    _rows.show(con, "model error: savings vs DistServe under the same truth, P99 latencies, SLOs met", "truth", rows)
     if args.json is not None:
-        args.json.write_text(json.dumps({"machine": platform.machine(), "python": sys.version.split()[0],
-                                         "wall_s": time.perf_counter() - t0, "rows": rows}, indent=1) + "\n")
+        _rows.write(args.json, rows, time.perf_counter() - t0)
         con.print(f"wrote {args.json}")
     return 0
 

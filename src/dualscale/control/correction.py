@@ -151,3 +151,42 @@ class ClockIndex:
         if j is not None:
             return float(row[j])
         return float(np.interp(freq_mhz, self.clocks_mhz, row))
+
+
+class Learner:
+    """What a controller needs to learn from :meth:`observe` (both controllers derive from it):
+    the model's coefficients and the corrected copy its kernels read, the :class:`Correction`, and
+    the time factor its last decision was made with (0: nothing to learn from)."""
+
+    _coef: NDArray[np.float64]
+
+    def _init_learning(self, model_coef: NDArray[np.float64], clocks_mhz: NDArray[np.int64],
+                       online_correction: bool, z: float) -> None:
+        self._model_coef = model_coef
+        self._coef = model_coef.copy()  # the model's, time terms scaled by the correction
+        self.online_correction = bool(online_correction)
+        #: what the controller has learnt from :meth:`observe`
+        self.correction = Correction(z)
+        self._decided_factor = 0.0
+        self._clock_index = ClockIndex(clocks_mhz)
+
+    def _last_model(self, freq_mhz: float, factor: float, with_power: bool) -> tuple[float, float]:
+        """(uncorrected model time s, model power per GPU W or 0) of the last decision's batch at
+        ``freq_mhz``; its grid was computed with time factor ``factor``."""
+        raise NotImplementedError
+
+    def observe(self, iteration_s: float, freq_mhz: float, power_w: float = 0.0) -> None:
+        """Feed back the iteration that ran the batch of the last ``decide``.
+
+        Args:
+            iteration_s: its measured time (s).
+            freq_mhz: the SM clock in effect while it ran, as read back (MHz); 0 when unknown or
+                when the clock changed during the iteration (then nothing is learnt).
+            power_w: its measured power per GPU (W); 0 when unknown.
+        """
+        factor, self._decided_factor = self._decided_factor, 0.0
+        if not self.online_correction or factor == 0.0 or not freq_mhz > 0:
+            return
+        model_s, model_w = self._last_model(freq_mhz, factor, power_w > 0)
+        if self.correction.observe(float(iteration_s), model_s, float(power_w), model_w):
+            self.correction.apply(self._model_coef, self._coef)

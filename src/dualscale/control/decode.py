@@ -23,7 +23,7 @@ from dualscale import _validate as v
 from dualscale._kernels import perf_model as pm
 from dualscale._kernels import slack as sk
 from dualscale.control._clocks import resolve_clocks
-from dualscale.control.correction import Z_DECODE, ClockIndex, Correction
+from dualscale.control.correction import Z_DECODE, Learner
 from dualscale.profile import Profile
 
 Slack = Literal["request", "tbt"]
@@ -50,7 +50,7 @@ class DecodeDecision(msgspec.Struct, frozen=True, gc=False):
     budget_s: float
 
 
-class DecodeController:
+class DecodeController(Learner):
     """Per-step clock choice for one decode instance (embeddable: no threads, no sockets).
 
     Args:
@@ -95,13 +95,7 @@ class DecodeController:
         self.slack: Slack = slack
         self.clocks_mhz, self.idle_freq_mhz = resolve_clocks(profile, clocks_mhz, idle_freq_mhz)
         self._clock_list = self.clocks_mhz.tolist()
-        self._model_coef = profile.coefficients("decode", tp)
-        self._coef = self._model_coef.copy()  # the model's, time terms scaled by the correction
-        self.online_correction = bool(online_correction)
-        #: what the controller has learnt from :meth:`observe`
-        self.correction = Correction(z=Z_DECODE)
-        self._decided_factor = 0.0  # time factor of the last decision; 0: nothing to learn from
-        self._clock_index = ClockIndex(self.clocks_mhz)
+        self._init_learning(profile.coefficients("decode", tp), self.clocks_mhz, online_correction, Z_DECODE)
         self._table = np.ascontiguousarray(profile.clock_table("decode", tp, self.clocks_mhz))
         self._out = np.empty((2, self.clocks_mhz.size))
         self._params = np.zeros(sk.N_PARAMS)
@@ -165,20 +159,7 @@ class DecodeController:
             budget_s=float(budget),
         )
 
-    def observe(self, iteration_s: float, freq_mhz: float, power_w: float = 0.0) -> None:
-        """Feed back the step that ran the batch of the last :meth:`decide`.
-
-        Args:
-            iteration_s: its measured time (s).
-            freq_mhz: the SM clock in effect while it ran, as read back (MHz); 0 when unknown or
-                when the clock changed during the step (then nothing is learnt).
-            power_w: its measured power per GPU (W); 0 when unknown.
-        """
-        factor, self._decided_factor = self._decided_factor, 0.0
-        if not self.online_correction or factor == 0.0 or not freq_mhz > 0:
-            return
+    def _last_model(self, freq_mhz: float, factor: float, with_power: bool) -> tuple[float, float]:
         at = self._clock_index.value_at
-        model_s = at(self._out[pm.O_TIME_S], freq_mhz) / factor
-        model_w = at(self._out[pm.O_POWER_W], freq_mhz) if power_w > 0 else 0.0
-        if self.correction.observe(float(iteration_s), model_s, float(power_w), model_w):
-            self.correction.apply(self._model_coef, self._coef)
+        return (at(self._out[pm.O_TIME_S], freq_mhz) / factor,
+                at(self._out[pm.O_POWER_W], freq_mhz) if with_power else 0.0)

@@ -32,7 +32,7 @@ from dualscale import _validate as v
 from dualscale._kernels import mpc
 from dualscale._kernels import perf_model as pm
 from dualscale.control._clocks import resolve_clocks
-from dualscale.control.correction import ClockIndex, Correction
+from dualscale.control.correction import Z, Learner
 from dualscale.control.qp import QpResult, QpSettings, QpSolver, QpStatus, a_nnz
 from dualscale.profile import Profile
 
@@ -64,7 +64,7 @@ class PrefillDecision(msgspec.Struct, frozen=True, gc=False):
     batch_tokens: tuple[int, ...]
 
 
-class PrefillController:
+class PrefillController(Learner):
     """Per-iteration clock choice for one prefill instance (embeddable: no threads, no sockets).
 
     Args:
@@ -105,14 +105,8 @@ class PrefillController:
         self.clocks_mhz, self.idle_freq_mhz = resolve_clocks(profile, clocks_mhz, idle_freq_mhz)
 
         k, n_clocks = self.horizon, self.clocks_mhz.size
-        self._model_coef = profile.coefficients("prefill", tp)
-        self._coef = self._model_coef.copy()  # the model's, time terms scaled by the correction
         self._table = np.ascontiguousarray(profile.clock_table("prefill", tp, self.clocks_mhz))
-        self.online_correction = bool(online_correction)
-        #: what the controller has learnt from :meth:`observe`
-        self.correction = Correction()
-        self._decided_factor = 0.0  # time factor of the last decision; 0: nothing to learn from
-        self._clock_index = ClockIndex(self.clocks_mhz)
+        self._init_learning(profile.coefficients("prefill", tp), self.clocks_mhz, online_correction, Z)
         self._params = np.zeros(mpc.N_PARAMS)
         self._params[mpc.P_TTFT_SLO_S] = self.ttft_slo_s
         self._params[mpc.P_MARGIN] = self.margin
@@ -239,25 +233,12 @@ class PrefillController:
             batch_tokens=tuple(self._batch_tokens[:n].tolist()),
         )
 
-    def observe(self, iteration_s: float, freq_mhz: float, power_w: float = 0.0) -> None:
-        """Feed back the iteration that ran the batch of the last :meth:`decide`.
-
-        Args:
-            iteration_s: its measured time (s).
-            freq_mhz: the SM clock in effect while it ran, as read back (MHz); 0 when unknown or
-                when the clock changed during the iteration (then nothing is learnt).
-            power_w: its measured power per GPU (W); 0 when unknown.
-        """
-        factor, self._decided_factor = self._decided_factor, 0.0
-        if not self.online_correction or factor == 0.0 or not freq_mhz > 0:
-            return
+    def _last_model(self, freq_mhz: float, factor: float, with_power: bool) -> tuple[float, float]:
         at = self._clock_index.value_at
         model_s = at(self._tables[mpc.TB_TIME_S, 0], freq_mhz) / factor
-        model_w = 0.0
-        if power_w > 0 and model_s > 0:
-            model_w = at(self._tables[mpc.TB_ENERGY_J, 0], freq_mhz) / (self.tp * model_s * factor)
-        if self.correction.observe(float(iteration_s), model_s, float(power_w), model_w):
-            self.correction.apply(self._model_coef, self._coef)
+        if not (with_power and model_s > 0):
+            return model_s, 0.0
+        return model_s, at(self._tables[mpc.TB_ENERGY_J, 0], freq_mhz) / (self.tp * model_s * factor)
 
     def _solve(self, n: int) -> float:
         t, b, plan = self._tables, self._budget_s, self._plan
