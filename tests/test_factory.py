@@ -26,6 +26,7 @@ FIELDS = {
     "decode_slack": ("tbt", lambda p, d: d.slack == "tbt"),
     "decode_objective": ("energy", lambda p, d: d.objective == "energy"),
     "online_correction": (False, lambda p, d: not p.online_correction and not d.online_correction),
+    "switch_delay_s": (0.05, lambda p, d: p.switch_delay_s == 0.05),
 }
 
 

@@ -134,6 +134,9 @@ class Control(_Settings):
     decode_slack: Literal["request", "tbt"] = "request"
     #: decode clock objective among the clocks that fit the step budget (see DecodeController)
     decode_objective: Literal["energy", "power"] = "power"
+    #: how long the controllers assume a clock change takes to land (s): the prefill plan charges
+    #: the batch about to run that long at the clock in effect (H100: NVML call + switch ~20 ms)
+    switch_delay_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.02
     #: correct the latency/power predictions from measured iterations, with the top-clock safety
     #: rule when a measurement exceeds the corrected prediction (see dualscale.control.correction)
     online_correction: bool = True

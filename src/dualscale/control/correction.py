@@ -38,7 +38,7 @@ from dualscale._kernels import perf_model as pm
 #: EW weight of one observation (about 10 iterations of memory).
 ALPHA = 0.1
 #: Standard deviations above the mean log-ratio that the controller plans with (prefill; decode: Z_DECODE).
-Z = 2.0
+Z = 3.0
 Z_DECODE = 0.5
 #: A measurement this many standard deviations above the mean (and TOL more) triggers the safety rule.
 TRIGGER_Z = 3.0
@@ -106,7 +106,9 @@ class Correction:
         corrected_s = model_s * self.time_factor
         self.last_error = measured_s / corrected_s - 1.0
         self.last_model_error = measured_s / model_s - 1.0
-        if x > self.mu + TRIGGER_Z * math.sqrt(self.var) + _LOG_TOL:
+        # before any observation there is no spread to expect: the paper's rule as it stands
+        spread = TRIGGER_Z * math.sqrt(self.var) if self.observations else 0.0
+        if x > self.mu + spread + _LOG_TOL:
             self.triggers += 1
             self.hold_left = HOLD
         if self.observations == 0:

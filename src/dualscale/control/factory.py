@@ -27,7 +27,8 @@ def make_controller(profile: Profile, control: Control, slo: Slo, *, phase: Lite
     if phase == "prefill":
         return PrefillController(profile, tp=tp, ttft_slo_s=slo.ttft_s, horizon=control.horizon,
                                  max_batch_tokens=max_batch_tokens, margin=control.margin, kv_guard=control.kv_guard,
-                                 solver=control.prefill_solver, online_correction=control.online_correction)
+                                 solver=control.prefill_solver, online_correction=control.online_correction,
+                                 switch_delay_s=control.switch_delay_s)
     if phase == "decode":
         return DecodeController(profile, tp=tp, tpot_slo_s=slo.tpot_s, margin=control.margin,
                                 kv_guard=control.kv_guard, slack=control.decode_slack,
