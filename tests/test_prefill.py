@@ -195,3 +195,30 @@ def test_bad_construction_names_the_argument(profile, kwargs, match):
     args = dict(tp=4, ttft_slo_s=0.6) | kwargs
     with pytest.raises(ValueError, match=match):
         dualscale.PrefillController(profile, **args)
+
+
+def test_the_plan_charges_the_clock_switch(profile):
+    """From idle, the batch about to run spends the switch delay at the idle clock; right after a
+    batch, at the clock it ran; a measurement is still compared with the model alone."""
+    d = 0.02
+    ctl = dualscale.PrefillController(profile, tp=2, ttft_slo_s=0.6, switch_delay_s=d)
+    clocks = profile.clocks_mhz.astype(float)
+    t = np.asarray(profile.prefill_time_s(2, [1500], clocks))
+    first = ctl.decide(10.0, [9.9], [1500])
+    j = int(np.searchsorted(profile.clocks_mhz, first.freq_mhz))
+    assert first.batch_time_s == pytest.approx(d + (1 - d / t[0]) * t[j], rel=1e-12)
+    ctl.observe(float(t[j]), first.freq_mhz)  # ran at one clock throughout: no error to learn
+    assert ctl.correction.last_model_error == pytest.approx(0.0, abs=1e-12)
+    ctl = dualscale.PrefillController(profile, tp=2, ttft_slo_s=0.6, switch_delay_s=d, online_correction=False)
+    assert ctl.decide(10.0, [9.9], [1500]) == first
+    # back to back: the switch starts from the clock just decided
+    now = 10.0 + first.batch_time_s
+    t2 = np.asarray(profile.prefill_time_s(2, [800], clocks))
+    second = ctl.decide(now, [now - 0.05], [800])
+    k = int(np.searchsorted(profile.clocks_mhz, second.freq_mhz))
+    assert second.batch_time_s == pytest.approx(d + (1 - d / t2[j]) * t2[k], rel=1e-12)
+    # an empty queue sends the GPUs to the idle clock: the next batch starts from there
+    ctl.decide(now + 1.0, [], [])
+    third = ctl.decide(now + 2.0, [now + 1.9], [800])
+    k = int(np.searchsorted(profile.clocks_mhz, third.freq_mhz))
+    assert third.batch_time_s == pytest.approx(d + (1 - d / t2[0]) * t2[k], rel=1e-12)

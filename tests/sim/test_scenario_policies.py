@@ -80,5 +80,8 @@ def test_lowest_feasible_is_the_lowest_clock_meeting_the_next_batch(profile):
     f = pre.clock(now, arrival, np.array([1500]), np.array([0]), 0.0)
     budget = 9.8 + 0.95 * 0.6 - now
     t = profile.prefill_time_s(2, [1500], profile.clocks_mhz.astype(float))
+    # from idle: the first 20 ms (the switch delay) run at the idle clock, the lowest
+    d = DEFAULT.control.switch_delay_s
+    t = d + (1 - d / t[0]) * t
     want = profile.clocks_mhz[np.flatnonzero(t <= budget + 1e-9)[0]]
     assert f == want and f > profile.clocks_mhz[0]

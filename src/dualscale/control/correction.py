@@ -38,7 +38,7 @@ from dualscale._kernels import perf_model as pm
 #: EW weight of one observation (about 10 iterations of memory).
 ALPHA = 0.1
 #: Standard deviations above the mean log-ratio that the controller plans with (prefill; decode: Z_DECODE).
-Z = 3.0
+Z = 2.0
 Z_DECODE = 0.5
 #: A measurement this many standard deviations above the mean (and TOL more) triggers the safety rule.
 TRIGGER_Z = 3.0
