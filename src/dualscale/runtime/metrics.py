@@ -46,6 +46,11 @@ class DaemonMetrics:
         self.actuator_up = Gauge("dualscale_actuator_up", "1 while the node's actuator reports", ["node"], registry=r)
         self.deadman_resets = Gauge("dualscale_actuator_deadman_resets", "Dead-man resets the actuator reported",
                                     ["node"], registry=r)
+        self.conflicts = Counter("dualscale_actuator_conflicts",
+                                 "Statuses refused: a second actuator connection claimed a node whose actuator reports",
+                                 ["node"], registry=r)
+        self.auth_denied = Gauge("dualscale_auth_denied", "Connections refused by CURVE authentication, per socket",
+                                 ["socket"], registry=r)
         for reason in REASONS:
             self.dropped.labels(reason)  # every reason is exported from the start, at 0
 
