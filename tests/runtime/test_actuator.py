@@ -54,7 +54,7 @@ def act(backend, config):
     a = Actuator(backend, config.actuator, policy(config))
     a.start()
     yield a
-    a._shutdown()
+    a.close()
 
 
 def locks(backend):

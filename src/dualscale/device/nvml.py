@@ -30,8 +30,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 #: The fix named when clock control is refused.
-PERMISSION_FIX = ("locking GPU clocks needs root (CAP_SYS_ADMIN): run `sudo dualscale actuator --backend nvml ...` "
-                  "(only the actuator needs it; the controller and the workers run unprivileged)")
+PERMISSION_FIX = ("locking GPU clocks needs root (CAP_SYS_ADMIN): run the actuator as root from a root-owned "
+                  "install, e.g. the systemd unit of the README's Deployment section, or "
+                  "`sudo /opt/dualscale/bin/dualscale actuator --backend nvml ...` (only the actuator needs it; the "
+                  "controller and the workers run unprivileged)")
 
 #: NVML error code -> dualscale error class; every other code maps to DeviceError.
 ERROR_MAP: dict[int, type[DeviceError]] = {

@@ -245,8 +245,9 @@ class Actuator:
         if self.security is None:
             raise ValueError("Actuator.run needs a Security (Security('none', ...) for plain ZeroMQ)")
         with ExitStack() as stack:
-            stack.callback(self._shutdown)
-            self.start()
+            stack.callback(self.close)
+            if not self.clocks:  # not started by the caller
+                self.start()
             ctx = self._ctx if self._ctx is not None else zmq.Context()
             if self._own_ctx:
                 stack.callback(ctx.term)
@@ -267,7 +268,11 @@ class Actuator:
         self._apply()
         self._publish(now)
 
-    def _shutdown(self) -> None:
+    def close(self) -> None:
+        """Reset every GPU locked or owed a reset (with retries) and stop the GPU threads; sets
+        :attr:`exit_code` to 1 when a GPU stays locked."""
+        if self.state is ActuatorState.STOPPED:
+            return
         try:
             failed = self._reset([g for g in self.gpus if self.locked[g] or g in self.unreset])
             if failed:

@@ -156,10 +156,15 @@ def cmd_actuator(args: argparse.Namespace) -> int:
     backend = make_backend(a.backend, profile=cfg.profile, gpus=a.sim.gpus, switch_delay_s=a.sim.switch_delay_s,
                            state_file=a.sim.state_file or None, nvml_library=a.nvml_library or None)
     policy = load_policy(a.policy_file) if a.policy_file else NodePolicy.of_node(cfg, a.node)
-    security = Security(cfg.security.mechanism, cfg.security.keys_dir, actuator_name(a.node))
     with backend:
-        actuator = Actuator(backend, a, policy, security)
+        actuator = Actuator(backend, a, policy)
         _on_signals(actuator.stop)
+        actuator.start()  # resets every GPU first: a previous actuator may have died with them locked
+        try:
+            actuator.security = Security(cfg.security.mechanism, cfg.security.keys_dir, actuator_name(a.node))
+        except BaseException:
+            actuator.close()
+            raise
         actuator.run()
     return actuator.exit_code
 

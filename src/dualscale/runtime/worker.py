@@ -360,6 +360,8 @@ class WorkerAgent:
                 self._queued += 1
                 return True
             self._refused += 1
+            if ring is not None:
+                relay.check_soon()  # the ring is full: is the relay still there?
             return False
         except Exception as e:  # never raise into the engine
             if self._ring is None:  # closed by another thread meanwhile
