@@ -44,6 +44,10 @@ class ControllerSettings(_Frozen):
     heartbeat_s: Positive = 0.25
     #: high-water mark of every socket (messages)
     hwm: Count = 1000
+    #: energy accounting survives a controller restart through this file (the last counter reading of
+    #: every GPU and the totals, written atomically about once a second); "" = a restart starts afresh
+    #: and loses the energy between the last status before it and the first after it
+    state_file: str = ""
 
 
 class SimSettings(_Frozen):

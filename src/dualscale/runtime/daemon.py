@@ -40,12 +40,15 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from enum import IntEnum
 from typing import Any
 
+import msgspec
 import numpy as np
 import zmq
 
+from dualscale._files import write_atomic
 from dualscale.control import DecodeController, PrefillController
 from dualscale.errors import ProtocolError
 from dualscale.profile import Profile
@@ -66,6 +69,7 @@ from dualscale.runtime.metrics import DaemonMetrics, serve_metrics
 from dualscale.runtime.ratelog import RateLimitedLog
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
 from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLIN, make_socket
+from dualscale.runtime.trust import read_trusted
 
 log = logging.getLogger("dualscale.runtime.daemon")
 
@@ -78,10 +82,21 @@ PLAN_PERIOD_S = 1.0
 ACTUATOR_UP_S = 2.0
 #: A report epoch other than the current one's is taken once the current one is silent this long (s).
 EPOCH_STALE_S = 0.5
+#: Write the energy state file at most this often (s).
+STATE_PERIOD_S = 1.0
 #: Largest frame taken on each socket (bytes): reports carry per-request arrays (a 256-request report
 #: is ~6 KB); a status carries at most MAX_GPUS GPUs and MAX_INSTANCES instances.
 MAX_REPORT_BYTES = 4 << 20
 MAX_STATUS_BYTES = 256 << 10
+
+
+class EnergyState(msgspec.Struct, forbid_unknown_fields=True):
+    """What the energy accounting carries across a controller restart (``controller.state_file``)."""
+
+    #: "node/gpu" -> (counter identity, last counter reading J)
+    counters: dict[str, tuple[str, float]] = {}
+    #: energy counted so far per phase (J)
+    energy_j: dict[str, float] = {}
 
 
 class DaemonState(IntEnum):
@@ -192,6 +207,8 @@ class ControllerDaemon:
         self.counter_resets = 0
         self.security: Security | None = None
         self._curve = config.security.mechanism == "curve"
+        self._next_state_s = 0.0
+        self._load_state()
         self._gpu_power: dict[tuple[str, int], float] = {}
         #: frames dropped, by reason (mirrors the Prometheus counter, for tests and logs)
         self.dropped: dict[str, int] = {}
@@ -262,6 +279,7 @@ class ControllerDaemon:
                 while self.state == DaemonState.RUNNING:
                     self.step()
             finally:
+                self._save_state()
                 self.state = DaemonState.STOPPED
                 log.info("controller: stopped after %d decisions", self.decisions)
 
@@ -431,6 +449,27 @@ class ControllerDaemon:
                    g.counter_id, g.counter_j)
         return g.counter_j
 
+    def _load_state(self) -> None:
+        path = self.config.controller.state_file
+        if not path or not Path(path).exists():
+            return
+        st = msgspec.json.decode(read_trusted(path, "controller state file"), type=EnergyState)
+        for key, (cid, c) in st.counters.items():
+            node, _, gpu = key.rpartition("/")
+            if (node, int(gpu)) in self.gpu_phase and math.isfinite(c):
+                self._gpu_counter[(node, int(gpu))] = (cid, c)
+        for phase, e in st.energy_j.items():
+            if phase in self.energy_j and math.isfinite(e) and e > 0:
+                self.energy_j[phase] = e
+                self.metrics.energy.labels(phase).inc(e)
+        log.info("controller: energy accounting resumed from %s (%d GPU counters)", path, len(self._gpu_counter))
+
+    def _save_state(self) -> None:
+        path = self.config.controller.state_file
+        if path:
+            st = EnergyState({f"{n}/{g}": v for (n, g), v in self._gpu_counter.items()}, dict(self.energy_j))
+            write_atomic(Path(path), msgspec.json.encode(st))
+
     def _decide(self) -> None:
         dirty, self._dirty = self._dirty, []
         for slot in dirty:  # in the order their reports arrived
@@ -482,6 +521,9 @@ class ControllerDaemon:
             if self.security is not None:
                 for domain, n in self.security.denied.items():
                     self.metrics.auth_denied.labels(domain).set(n)
+        if now_s >= self._next_state_s:
+            self._next_state_s = now_s + STATE_PERIOD_S
+            self._save_state()
         if self._plan_pub is not None and (now_s >= self._next_plan_s or self.plan.seq != self._plan_sent_seq):
             self._next_plan_s = now_s + PLAN_PERIOD_S
             self._plan_sent_seq = self.plan.seq
