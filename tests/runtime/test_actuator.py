@@ -101,7 +101,7 @@ def test_clamps_to_supported_clocks_rounding_up(backend, act):
 
 
 def test_commands_for_unmanaged_gpus_and_garbage_are_dropped(backend, act):
-    act.handle(cmd("x", [99], 1005))  # no such GPU index on any node: malformed
+    act.handle(cmd("x", [5000], 1005))  # beyond any GPU index: malformed
     act.handle(cmd("x", [1], 1005))
     act.handle(cmd("d0", [0, 1], 1005))
     act.handle(b"\x00\x01garbage")

@@ -43,10 +43,11 @@ PROTOCOL_VERSION = 1
 
 #: Bounds every receiver enforces while decoding (a hostile peer cannot make it allocate more).
 MAX_NAME = 128
-MAX_GPUS = 64
+MAX_GPUS = 256
+MAX_GPU_INDEX = 1023
 MAX_INSTANCES = 256
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
-Gpu = Annotated[int, msgspec.Meta(ge=0, lt=MAX_GPUS)]
+Gpu = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_INDEX)]
 Gpus = Annotated[list[Gpu], msgspec.Meta(max_length=MAX_GPUS)]
 
 
