@@ -200,6 +200,7 @@ class ControllerDaemon:
         self._next_heartbeat_s = 0.0
         self._next_plan_s = 0.0
         self._plan_sent_seq = 0
+        self._node_seen_s: dict[str, float] = {}  # node -> when its routed actuator last reported
         self._gpu_energy: dict[tuple[str, int], tuple[int, float]] = {}
         #: (node, gpu) -> (counter identity, last counter reading J): energy is counted from these deltas
         self._gpu_counter: dict[tuple[str, int], tuple[str, float]] = {}
@@ -388,6 +389,7 @@ class ControllerDaemon:
         now_s = time.monotonic()
         if not self._take_route(node, route, st.epoch, now_s):
             return
+        self._node_seen_s[node] = now_s
         m = self.metrics
         m.actuator_up.labels(node).set(1)
         m.deadman_resets.labels(node).set(st.deadman_resets)
