@@ -4,14 +4,13 @@ import threading
 import time
 
 import pytest
+from rt_helpers import policy, security
 
 from dualscale.device.sim import SimBackend
 from dualscale.errors import DeviceError, PermissionDenied
 from dualscale.runtime.actuator import Actuator, ActuatorState, EnergyMeter
 from dualscale.runtime.messages import ClockCommand, Heartbeat, MsgType
 from dualscale.runtime.serial import FrameEncoder
-
-from rt_helpers import policy, security
 
 ENC = FrameEncoder()
 

@@ -13,13 +13,13 @@ import time
 import numpy as np
 import pytest
 import zmq
+from rt_helpers import policy, security
 
 import dualscale.runtime.daemon as daemon_mod
 from dualscale.device.sim import SimBackend
 from dualscale.errors import DeviceError
 from dualscale.runtime.actuator import Actuator
 from dualscale.runtime.daemon import ControllerDaemon
-from dualscale.runtime.keys import Security
 from dualscale.runtime.messages import (
     ClockCommand,
     DecodeReport,
@@ -29,7 +29,6 @@ from dualscale.runtime.messages import (
     PrefillReport,
 )
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
-from rt_helpers import policy, security
 
 ENC = FrameEncoder()
 CMD_DEC = FrameDecoder((MsgType.CLOCK_COMMAND, MsgType.HEARTBEAT))
@@ -129,7 +128,7 @@ def test_a_fake_controller_never_reaches_the_actuator(tmp_path, profile, config,
     evil = ctx.socket(zmq.ROUTER)
     evil.setsockopt(zmq.LINGER, 0)
     if attacker == "own-key":
-        pub, sec = zmq.curve_keypair()
+        _pub, sec = zmq.curve_keypair()
         evil.curve_server, evil.curve_secretkey = True, sec
     evil.bind(config.actuator.controller_address)
     backend = SimBackend(profile, gpus=4, switch_delay_s=0.0)
@@ -392,12 +391,18 @@ def test_a_start_that_fails_on_one_gpu_still_resets_every_gpu_first(profile, con
     assert [b.state.locked_mhz(g) for g in range(4)] == [0] * 4
 
 
-def test_a_reset_refused_at_exit_is_retried_logged_once_and_exits_non_zero(profile, config, caplog):
+def locked_faulty(profile, config, **kw) -> tuple[Faulty, Actuator]:
+    """A started actuator on a Faulty node with d0 (GPUs 2, 3) locked at 1005 MHz."""
     b = Faulty(profile, gpus=4, switch_delay_s=0.0)
-    a = Actuator(b, config.actuator, policy(config))
+    a = Actuator(b, config.actuator, policy(config), **kw)
     a.start()
     a.handle(frame(MsgType.CLOCK_COMMAND, ClockCommand("d0", [2, 3], 1005, 1)))
     a._apply()
+    return b, a
+
+
+def test_a_reset_refused_at_exit_is_retried_logged_once_and_exits_non_zero(profile, config, caplog):
+    b, a = locked_faulty(profile, config)
     b.refuse_reset.add(3)
     with caplog.at_level(logging.INFO, logger="dualscale.runtime.actuator"):
         a.close()
@@ -408,11 +413,7 @@ def test_a_reset_refused_at_exit_is_retried_logged_once_and_exits_non_zero(profi
 
 
 def test_a_reset_refused_under_the_dead_man_is_warned_about_once(profile, config, caplog):
-    b = Faulty(profile, gpus=4, switch_delay_s=0.0)
-    a = Actuator(b, config.actuator, policy(config))
-    a.start()
-    a.handle(frame(MsgType.CLOCK_COMMAND, ClockCommand("d0", [2, 3], 1005, 1)))
-    a._apply()
+    b, a = locked_faulty(profile, config)
     b.refuse_reset.add(3)
     a.last_heard_s -= 100.0
     with caplog.at_level(logging.WARNING, logger="dualscale.runtime.actuator"):
@@ -428,11 +429,7 @@ def test_a_reset_refused_under_the_dead_man_is_warned_about_once(profile, config
 
 
 def test_a_hung_device_call_stalls_neither_the_loop_nor_the_dead_man_nor_the_exit(profile, config):
-    b = Faulty(profile, gpus=4, switch_delay_s=0.0)
-    a = Actuator(b, config.actuator, policy(config), call_timeout_s=0.2)
-    a.start()
-    a.handle(frame(MsgType.CLOCK_COMMAND, ClockCommand("d0", [2, 3], 1005, 1)))
-    a._apply()
+    b, a = locked_faulty(profile, config, call_timeout_s=0.2)
     release = b.hang[3] = threading.Event()
     try:
         a.handle(frame(MsgType.CLOCK_COMMAND, ClockCommand("d0", [2, 3], 1200, 2)))

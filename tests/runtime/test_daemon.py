@@ -7,6 +7,7 @@ import msgspec
 import numpy as np
 import pytest
 import zmq
+from rt_helpers import security
 
 from dualscale.runtime.daemon import ControllerDaemon, DaemonState
 from dualscale.runtime.messages import (
@@ -21,7 +22,6 @@ from dualscale.runtime.messages import (
     PrefillReport,
 )
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
-from rt_helpers import security
 
 ENC = FrameEncoder()
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import tomli_w
 import zmq
+from rt_helpers import make_keys
 
 from dualscale.device.sim import SimNodeState
-from dualscale.runtime.metrics import read_metrics
-from rt_helpers import make_keys
 from dualscale.runtime.keys import Security
+from dualscale.runtime.metrics import read_metrics
 
 DEADMAN_S = 1.0
 INSTANCES = [("p0", "prefill", [0, 1]), ("d0", "decode", [2, 3]), ("p1", "prefill", [4, 5]), ("d1", "decode", [6, 7])]

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import tomli_w
-
-from dualscale.device.sim import SimBackend
 from rt_helpers import make_keys
 from test_e2e import free_port, scrape, total, wait_for
+
+from dualscale.device.sim import SimBackend
 
 GPUS = 4
 ROUNDS = int(os.environ.get("DUALSCALE_FAULT_ROUNDS", "1"))
@@ -100,7 +100,7 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
         p.send_signal(signal.SIGKILL)
         p.wait(30)
 
-    alive = lambda: list(procs.values())  # noqa: E731
+    alive = lambda: list(procs.values())
     recovery: dict[str, list[float]] = {"actuator reset": [], "actuator re-locked": [], "controller": [],
                                         "relay": []}
     try:
@@ -110,7 +110,7 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
         controller()
         start("worker", "-m", "dualscale.runtime.emulate", "--config", str(path), "--prefill", "p0", "--decode", "d0",
               "--state-file", str(state), "--rate", "4", "--duration", "600")
-        locked = lambda: all(truth.state.locked_mhz(g) > 0 for g in range(GPUS))  # noqa: E731
+        locked = lambda: all(truth.state.locked_mhz(g) > 0 for g in range(GPUS))
         wait_for("decisions", lambda: decisions() > 20, procs=alive())
         wait_for("every GPU locked", locked, procs=alive())
         time.sleep(0.5)
@@ -123,7 +123,7 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
             kill("actuator")
             t0 = time.monotonic()
             actuator()
-            wait_for("the new actuator's resets", lambda: all(truth.state.snapshot()["writes"] > writes),
+            wait_for("the new actuator's resets", lambda w=writes: all(truth.state.snapshot()["writes"] > w),
                      timeout_s=60, procs=alive())
             recovery["actuator reset"].append(time.monotonic() - t0)
             wait_for("GPUs re-taken", locked, timeout_s=60, procs=alive())
@@ -143,9 +143,9 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
             os.kill(old, signal.SIGKILL)
             t0 = time.monotonic()
             d0 = decisions()
-            wait_for("a new relay", lambda: relay_of(procs["worker"].pid) not in (None, old), timeout_s=30,
+            wait_for("a new relay", lambda o=old: relay_of(procs["worker"].pid) not in (None, o), timeout_s=30,
                      procs=alive())
-            wait_for("reports through the new relay", lambda: decisions() > d0 + 5, timeout_s=30, procs=alive())
+            wait_for("reports through the new relay", lambda d=d0: decisions() > d + 5, timeout_s=30, procs=alive())
             recovery["relay"].append(time.monotonic() - t0)
         # quiesce (the engine stops; the GPUs idle), then compare the counted energy with the truth
         kill("worker")

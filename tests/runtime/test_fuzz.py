@@ -18,6 +18,7 @@ import msgspec
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rt_helpers import policy
 
 from dualscale.device.sim import SimBackend
 from dualscale.runtime.actuator import Actuator
@@ -33,7 +34,6 @@ from dualscale.runtime.messages import (
     PrefillReport,
 )
 from dualscale.runtime.serial import FrameEncoder
-from rt_helpers import policy
 
 CATEGORIES = ("random", "truncated", "bitflip", "version", "type", "nonfinite", "typed", "unknown_instance",
               "oversized")

@@ -95,7 +95,7 @@ class _GpuThreads:
             if fut.set_running_or_notify_cancel():
                 try:
                     fut.set_result(fn())
-                except BaseException as e:
+                except BaseException as e:  # noqa: BLE001 - handed to the waiting caller, not swallowed
                     fut.set_exception(e)
 
     def submit(self, gpu: int, fn: Callable[[], T]) -> Future[T]:

@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 import msgspec
 
 from dualscale.config import builtin_config_dir, builtin_names, check, decode_toml, load_named
-from dualscale.sim.scenario import Control, Slo
 from dualscale.runtime.trust import read_trusted
+from dualscale.sim.scenario import Control, Slo
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]

@@ -28,8 +28,8 @@ new epoch replaces the current one when it is larger (a restart on the same host
 current one has been silent for ``EPOCH_STALE_S`` (a move, a reboot, or a forged epoch), so no
 report can lock out the real sender for longer than that. Actuators are routed by the node their key
 names, not by a name they choose: the first live connection of a node gets its commands; a second
-one while the first still reports is refused and counted (``dualscale_actuator_conflicts``); an
-actuator that (re)connects is sent its instances' latest commands at once.
+one while the first is connected and reports is refused and counted (``dualscale_actuator_conflicts``);
+an actuator that (re)connects is sent its instances' latest commands at once.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from pathlib import Path
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -413,7 +413,7 @@ class ControllerDaemon:
     def _take_route(self, node: str, route: bytes, epoch: int, now_s: float) -> bool:
         """Route ``node``'s commands to the connection ``route`` unless another live one holds it."""
         held = self.routes.get(node)
-        if held is not None and held[0] != route and now_s - held[1] < ACTUATOR_UP_S:
+        if held is not None and held[0] != route and now_s - held[1] < ACTUATOR_UP_S and self._connected(held[0]):
             self.conflicts[node] += 1
             self.metrics.conflicts.labels(node).inc()
             self._drop("conflict", f"{node}: a second actuator connection while the first reports")
@@ -427,6 +427,21 @@ class ControllerDaemon:
                 log.info("controller: actuator of %s (re)connected; sending its instances' latest clocks", node)
             self._outbox.extend((s, s.last_cmd) for s in self.slots.values()
                                 if s.spec.node == node and s.last_cmd is not None)
+        return True
+
+    def _connected(self, route: bytes) -> bool:
+        """Whether the actuator connection ``route`` is still there (a heartbeat to it is routable): a
+        killed actuator's connection is gone at once, a hung one's after the ZMTP heartbeat timeout."""
+        sock = self._actuators
+        if sock is None:
+            return True
+        try:
+            sock.send_multipart([route, self._enc.encode(MsgType.HEARTBEAT, Heartbeat(self.epoch, time.monotonic_ns()))],
+                                NOBLOCK)
+        except zmq.Again:
+            return True  # there, with a full queue
+        except zmq.ZMQError:
+            return False  # EHOSTUNREACH (ROUTER_MANDATORY): that connection is closed
         return True
 
     def _energy_delta(self, key: tuple[str, int], g: Any, epoch: int) -> float:

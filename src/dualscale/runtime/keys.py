@@ -41,7 +41,7 @@ log = logging.getLogger("dualscale.runtime.keys")
 
 CONTROLLER = "controller"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_KEY_RE = re.compile(rb'^\s*(public|secret)-key\s*=\s*"([^"]{40})"\s*$', re.M)
+_KEY_RE = re.compile(rb'^\s*(public|secret)-key\s*=\s*"([^"]{40})"\s*$', re.MULTILINE)
 
 
 def actuator_name(node: str) -> str:
