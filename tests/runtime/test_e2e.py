@@ -218,6 +218,7 @@ def test_nvml_actuator_process_on_the_simulated_nvml(tmp_path: Path, monkeypatch
             return None
 
         wait_for("the actuator's first status", lambda: status() is not None, procs=[p])
+        assert "NoNewPrivs:\t1" in Path(f"/proc/{p.pid}/status").read_text()
         cmd = ClockCommand("d0", [0, 1, 2, 3], 1000, 1)
         router.send_multipart([route[0], bytes(enc.encode(MsgType.CLOCK_COMMAND, cmd))])
         wait_for("all four GPUs locked", lambda: [node.locked_mhz(g) for g in range(4)] == [1005] * 4, procs=[p])

@@ -5,12 +5,14 @@ attacker that gets past the handshake): random bytes, a valid frame truncated or
 another protocol version or message type, NaN/inf/negative values, structurally typed garbage, an
 unknown instance, oversized lists. Never an exception; the actuator never locks a clock outside the
 supported set or a GPU outside its policy; the daemon's energy stays finite and its label set fixed.
-``pytest -s`` prints how many frames each category tried.
+``pytest -s`` prints how many frames each category tried; ``DUALSCALE_FUZZ_EXAMPLES`` sets the frames
+per target (default 450).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 
@@ -37,7 +39,7 @@ from dualscale.runtime.serial import FrameEncoder
 
 CATEGORIES = ("random", "truncated", "bitflip", "version", "type", "nonfinite", "typed", "unknown_instance",
               "oversized")
-FUZZ = settings(max_examples=450, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=int(os.environ.get("DUALSCALE_FUZZ_EXAMPLES", "450")), deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 ENC = FrameEncoder()
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([math.nan, math.inf, -math.inf,

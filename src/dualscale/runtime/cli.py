@@ -90,6 +90,17 @@ def _on_signals(stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _no_new_privileges() -> None:
+    """Linux ``PR_SET_NO_NEW_PRIVS``: nothing this process runs can gain privileges (setuid files,
+    file capabilities). Best effort: the systemd unit sets it too (``NoNewPrivileges=yes``)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS = 38
+    except (OSError, AttributeError):
+        pass
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -142,6 +153,7 @@ def cmd_actuator(args: argparse.Namespace) -> int:
     )
     from dualscale.runtime.keys import Security, actuator_name
 
+    _no_new_privileges()
     _logging(args.log_level)
     cfg = load_trusted_runtime_config(args.config)
     a = cfg.actuator
