@@ -2,7 +2,8 @@
 
 Real processes on loopback ipc:// with CURVE keys: the actuator (sim backend), the controller, one
 emulated prefill/decode pair (whose report relay is a process of its own). Each round kills the
-actuator, the controller and the relay (SIGKILL, at a random moment) and restarts the first two;
+actuator, hangs one (SIGSTOP) and starts a replacement, kills the controller and the relay
+(SIGKILL, at random moments) and restarts the first two;
 after each, every GPU must be reset or re-taken and decisions must flow again. At the end the
 energy the controller counted over the whole run must be within 1 % of the simulated GPUs' true
 energy (no window lost to an outage, none counted twice after a restart).
@@ -28,6 +29,7 @@ from test_e2e import free_port, scrape, total, wait_for
 from dualscale.device.sim import SimBackend
 
 GPUS = 4
+STATUS_PERIOD_S = 0.1
 ROUNDS = int(os.environ.get("DUALSCALE_FAULT_ROUNDS", "1"))
 
 
@@ -65,7 +67,7 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
                       {"name": "d0", "phase": "decode", "tp": 2, "gpus": [2, 3]}],
         "controller": {"report_address": f"ipc://{tmp_path}/r", "actuator_address": f"ipc://{tmp_path}/a",
                        "heartbeat_s": 0.1, "metrics_port": port, "state_file": str(tmp_path / "controller.state")},
-        "actuator": {"controller_address": f"ipc://{tmp_path}/a", "deadman_s": 1.0, "status_period_s": 0.1,
+        "actuator": {"controller_address": f"ipc://{tmp_path}/a", "deadman_s": 1.0, "status_period_s": STATUS_PERIOD_S,
                      "sim": {"gpus": GPUS, "switch_delay_s": 0.02, "state_file": str(state)}},
     }
     path = tmp_path / "runtime.toml"
@@ -95,14 +97,22 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
     def counted_j() -> float:
         return total(scrape(port), "dualscale_energy_joules_total")
 
+    def truth_and_counted() -> tuple[float, float]:
+        """The true energy, and the counted one half a status period later: the count reflects a
+        counter reading up to one status period old, so on average from when the truth was read."""
+        true_j = sum(truth.total_energy_j(g) for g in range(GPUS))
+        time.sleep(STATUS_PERIOD_S / 2)
+        return true_j, counted_j()
+
     def kill(role: str) -> None:
         p = procs[role]
         p.send_signal(signal.SIGKILL)
         p.wait(30)
 
     alive = lambda: list(procs.values())
-    recovery: dict[str, list[float]] = {"actuator reset": [], "actuator re-locked": [], "controller": [],
-                                        "relay": []}
+    recovery: dict[str, list[float]] = {"actuator reset": [], "actuator re-locked": [],
+                                        "hung actuator replaced": [], "controller": [], "relay": []}
+    stopped: list[subprocess.Popen] = []
     try:
         actuator()
         wait_for("the simulated node", state.exists, procs=alive())
@@ -114,7 +124,7 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
         wait_for("decisions", lambda: decisions() > 20, procs=alive())
         wait_for("every GPU locked", locked, procs=alive())
         time.sleep(0.5)
-        counted0, true0 = counted_j(), sum(truth.total_energy_j(g) for g in range(GPUS))
+        true0, counted0 = truth_and_counted()
         assert counted0 > 0
         for rnd in range(ROUNDS):
             # the actuator: a new one resets every GPU at start, then the controller re-takes them
@@ -128,6 +138,21 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
             recovery["actuator reset"].append(time.monotonic() - t0)
             wait_for("GPUs re-taken", locked, timeout_s=60, procs=alive())
             recovery["actuator re-locked"].append(time.monotonic() - t0)
+            # a hung actuator (SIGSTOP) replaced by a new one, then killed: its connection is dropped
+            # by the ZMTP heartbeat and the new one is routed and commanded
+            time.sleep(rng.uniform(0.2, 1.5))
+            hung = procs["actuator"]
+            hung.send_signal(signal.SIGSTOP)
+            stopped.append(hung)
+            writes = truth.state.snapshot()["writes"].copy()
+            t0 = time.monotonic()
+            actuator()
+            wait_for("the replacement resets and re-locks every GPU",
+                     lambda w=writes: all(truth.state.snapshot()["writes"] >= w + 2) and locked(), timeout_s=60,
+                     procs=alive())
+            recovery["hung actuator replaced"].append(time.monotonic() - t0)
+            hung.kill()
+            hung.wait(30)
             # the controller: a new one resumes decisions and its energy count from its state file
             time.sleep(rng.uniform(0.2, 1.5))
             kill("controller")
@@ -151,8 +176,7 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
         kill("worker")
         procs.pop("worker")
         time.sleep(0.5)
-        true1 = sum(truth.total_energy_j(g) for g in range(GPUS))
-        counted1 = counted_j()
+        true1, counted1 = truth_and_counted()
         err = (counted1 - counted0) / (true1 - true0) - 1
         print(f"\n{ROUNDS} round(s) of kill -9 (actuator, controller, relay): energy counted "
               f"{counted1 - counted0:.0f} J vs true {true1 - true0:.0f} J, error {err * 100:+.2f} %")
@@ -161,7 +185,7 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
         assert abs(err) < 0.01
         truth.close()
     finally:
-        for p in procs.values():
+        for p in [*procs.values(), *stopped]:
             if p.poll() is None:
                 p.kill()
             p.wait(30)
