@@ -39,7 +39,9 @@ from typing import Annotated
 import msgspec
 
 #: Major protocol version, byte 0 of every frame. Bumped only for an incompatible change.
-PROTOCOL_VERSION = 1
+#: 2: report epochs are the sender's CLOCK_MONOTONIC at its start (were wall-clock ns), and the
+#: controller routes commands by the actuator's authenticated key, not by a routing id it chose.
+PROTOCOL_VERSION = 2
 
 #: Bounds every receiver enforces while decoding (a hostile peer cannot make it allocate more).
 MAX_NAME = 128
