@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+from rt_helpers import policy, security
 
 from dualscale.device.sim import SimBackend
 from dualscale.errors import DeviceError, PermissionDenied
@@ -49,10 +50,10 @@ def backend(profile):
 
 @pytest.fixture
 def act(backend, config):
-    a = Actuator(backend, config.actuator)
+    a = Actuator(backend, config.actuator, policy(config))
     a.start()
     yield a
-    a._shutdown()
+    a.close()
 
 
 def locks(backend):
@@ -64,10 +65,10 @@ def test_start_resets_every_managed_gpu(backend, act):
 
 
 def test_applies_an_instance_on_all_its_gpus_in_parallel(backend, act):
-    act.handle(cmd("d0", [0, 1, 2, 3], 1380))
+    act.handle(cmd("d0", [2, 3, 3, 2], 1380))  # a repeated GPU is written once
     act._apply()
-    assert [backend.state.locked_mhz(g) for g in range(4)] == [1380] * 4
-    assert len({c[3] for c in locks(backend)}) > 1  # more than one thread made the writes
+    assert [backend.state.locked_mhz(g) for g in range(4)] == [0, 0, 1380, 1380]
+    assert len(locks(backend)) == 2 and len({c[3] for c in locks(backend)}) == 2  # one thread per GPU
     assert act.applied["d0"].applied_mhz == 1380
 
 
@@ -99,11 +100,13 @@ def test_clamps_to_supported_clocks_rounding_up(backend, act):
 
 
 def test_commands_for_unmanaged_gpus_and_garbage_are_dropped(backend, act):
-    act.handle(cmd("x", [7], 1005))
+    act.handle(cmd("x", [5000], 1005))  # beyond any GPU index: malformed
+    act.handle(cmd("x", [1], 1005))
+    act.handle(cmd("d0", [0, 1], 1005))
     act.handle(b"\x00\x01garbage")
     act.handle(bytes([9, MsgType.CLOCK_COMMAND]) + b"\x90")
     act._apply()
-    assert act.dropped == 3 and not locks(backend)
+    assert act.dropped == 3 and act.refused == {"instance": 1, "gpus": 1, "clock": 0} and not locks(backend)
 
 
 def test_dead_man_resets_every_locked_gpu(backend, act):
@@ -155,7 +158,7 @@ def test_permission_denied_at_start_propagates(profile, config):
     b = Recording(profile, gpus=4)
     b.fail[0] = PermissionDenied("GPU 0: NVML reset: Insufficient Permissions (run as root)")
     with pytest.raises(PermissionDenied):
-        Actuator(b, config.actuator).start()
+        Actuator(b, config.actuator, policy(config)).start()
 
 
 def wait_until(cond, timeout_s=60.0):
@@ -169,27 +172,31 @@ def test_run_resets_clocks_on_stop_and_on_error(backend, config):
     import zmq
 
     ctx = zmq.Context()
+    ctl = security(config, "controller")
+    ctl.authenticate(ctx, {"actuators": ["actuator-node0"]})
     router = ctx.socket(zmq.ROUTER)  # the controller's end
+    ctl.server("actuators")(router)
     router.bind(config.actuator.controller_address)
-    a = Actuator(backend, config.actuator)
+    a = Actuator(backend, config.actuator, policy(config), security(config, "actuator-node0"))
     t = threading.Thread(target=a.run)
     t.start()
     try:
         assert router.poll(60_000)  # the actuator's first status: it is connected
-        assert router.recv_multipart()[0] == b"node0"
-        router.send_multipart([b"node0", cmd("d0", [0, 1, 2, 3], 1380)])
+        route = router.recv_multipart()[0]
+        router.send_multipart([route, cmd("p0", [0, 1], 1380)])
         wait_until(lambda: backend.state.locked_mhz(0) == 1380)
     finally:
         a.stop()
         t.join(60)
         router.close(0)
+        ctl.close()
         ctx.term()
     assert a.state is ActuatorState.STOPPED
     assert [backend.state.locked_mhz(g) for g in range(4)] == [0] * 4
 
-    b = Actuator(backend, config.actuator)
+    b = Actuator(backend, config.actuator, policy(config), security(config, "actuator-node0"))
     b.start()
-    b.handle(cmd("d0", [0, 1], 1500))
+    b.handle(cmd("p0", [0, 1], 1500))
     b._apply()
 
     def boom():
@@ -207,7 +214,7 @@ def test_managed_gpus_must_exist(backend, config):
 
     bad = msgspec.structs.replace(config.actuator, gpus=[0, 9])
     with pytest.raises(ValueError, match="GPU 9 does not exist"):
-        Actuator(backend, bad)
+        Actuator(backend, bad, policy(config))
 
 
 def test_energy_meter_extends_a_coarse_counter_with_power_samples():

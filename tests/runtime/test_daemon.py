@@ -7,6 +7,7 @@ import msgspec
 import numpy as np
 import pytest
 import zmq
+from rt_helpers import security
 
 from dualscale.runtime.daemon import ControllerDaemon, DaemonState
 from dualscale.runtime.messages import (
@@ -112,14 +113,14 @@ def test_status_updates_clock_and_per_phase_power_energy_metrics(daemon):
         return bytes(ENC.encode(MsgType.NODE_STATUS, NodeStatus("node0", epoch, 1, [
             GpuStatus(0, 1380, 1290, 4, 300.0, e), GpuStatus(2, 1005, 1005, 0, 200.0, 2 * e)])))
 
-    daemon.handle_status(status(1, 10.0))
+    daemon.handle_status(status(1, 10.0))  # first sight: a baseline (an earlier controller counted it)
     daemon.handle_status(status(1, 25.0))
     daemon.handle_status(status(2, 5.0))  # actuator restarted: its meters start again
     get = daemon.metrics.registry.get_sample_value
     assert get("dualscale_gpu_clock_mhz", {"node": "node0", "gpu": "0"}) == 1290
     assert get("dualscale_gpu_clock_event_reasons", {"node": "node0", "gpu": "0"}) == 4
-    assert get("dualscale_energy_joules_total", {"phase": "prefill"}) == pytest.approx(30.0)
-    assert get("dualscale_energy_joules_total", {"phase": "decode"}) == pytest.approx(60.0)
+    assert get("dualscale_energy_joules_total", {"phase": "prefill"}) == pytest.approx(20.0)
+    assert get("dualscale_energy_joules_total", {"phase": "decode"}) == pytest.approx(40.0)
     assert get("dualscale_power_watts", {"phase": "decode"}) == 200.0
     daemon.handle_status(b"junk")  # "j" is no protocol version
     assert daemon.dropped == {"version": 1}
@@ -139,14 +140,17 @@ def test_over_real_sockets_commands_heartbeats_plan_and_garbage(tmp_path, profil
     t.start()
     ctx = zmq.Context()
     act = ctx.socket(zmq.DEALER)
-    act.setsockopt(zmq.ROUTING_ID, b"node0")
+    security(config, "actuator-node0").client(act)
     push = ctx.socket(zmq.PUSH)
+    security(config, "engine-d0").client(push)
     sub = ctx.socket(zmq.SUB)
+    security(config, "engine-p0").client(sub)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     dec = FrameDecoder((MsgType.CLOCK_COMMAND, MsgType.HEARTBEAT))
     try:
         assert ready.wait(30)
         act.connect(config.controller.actuator_address)
+        act.send(bytes(ENC.encode(MsgType.NODE_STATUS, NodeStatus("node0", 1, 1, []))))  # routes node0 here
         push.connect(config.controller.report_address)
         sub.connect(config.controller.plan_address)
         for frame in (b"garbage", b"\x01", b"\x07\x01" + b"x" * 10):

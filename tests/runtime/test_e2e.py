@@ -16,8 +16,10 @@ from pathlib import Path
 
 import tomli_w
 import zmq
+from rt_helpers import make_keys
 
 from dualscale.device.sim import SimNodeState
+from dualscale.runtime.keys import Security
 from dualscale.runtime.metrics import read_metrics
 
 DEADMAN_S = 1.0
@@ -57,8 +59,10 @@ def total(samples: dict[str, float], name: str, **labels: str) -> float:
 
 def test_end_to_end_decisions_clocks_energy_deadman_garbage_restart(tmp_path: Path):
     state = tmp_path / "node.state"
+    keys = make_keys(tmp_path / "keys", instances=[n for n, _, _ in INSTANCES])
     cfg = {
         "format": 1,
+        "security": {"mechanism": "curve", "keys_dir": str(keys)},
         "instances": [{"name": n, "phase": ph, "tp": 2, "gpus": g} for n, ph, g in INSTANCES],
         "controller": {"report_address": f"ipc://{tmp_path}/r", "actuator_address": f"ipc://{tmp_path}/a",
                        "heartbeat_s": 0.1, "metrics_port": free_port()},
@@ -114,23 +118,34 @@ def test_end_to_end_decisions_clocks_energy_deadman_garbage_restart(tmp_path: Pa
             total(scrape(port), "dualscale_energy_joules_total", phase=ph) > 0 for ph in ("prefill", "decode")),
             procs=procs)
 
-        # 2. garbage on both sockets is survived and counted
+        # 2. garbage on both sockets, from peers holding keys, is survived and counted; peers without
+        #    a key are refused at the handshake
         ctx = zmq.Context()
         try:
             push = ctx.socket(zmq.PUSH)
+            Security("curve", keys, "engine-p0").client(push)
             push.connect(cfg["controller"]["report_address"])
             rogue = ctx.socket(zmq.DEALER)
+            Security("curve", keys, "engine-d0").client(rogue)  # an engine's key on the actuator socket
             rogue.connect(cfg["controller"]["actuator_address"])
+            anon = ctx.socket(zmq.PUSH)
+            anon.setsockopt(zmq.LINGER, 0)
+            anon.curve_serverkey = Security("curve", keys, "engine-p0").server_public
+            anon.curve_publickey, anon.curve_secretkey = zmq.curve_keypair()  # a key nobody listed
+            anon.connect(cfg["controller"]["report_address"])
+            anon.send(b"\x01\x02")
             for frame in (b"\x00garbage", os.urandom(64), b"\x01\x02\xc1", b"\x01\x63" + os.urandom(8), b""):
                 push.send(frame)
                 rogue.send(frame)
             before = total(scrape(port), "dualscale_decisions_total")
-            wait_for("drops counted", lambda: total(scrape(port), "dualscale_dropped_messages_total") >= 10,
+            wait_for("drops counted", lambda: total(scrape(port), "dualscale_dropped_messages_total") >= 5,
                      procs=procs)
+            wait_for("unknown keys refused", lambda: total(scrape(port), "dualscale_auth_denied") >= 2, procs=procs)
             wait_for("decisions continuing", lambda: total(scrape(port), "dualscale_decisions_total") > before + 20,
                      procs=procs)
             push.close(0)
             rogue.close(0)
+            anon.close(0)
         finally:
             ctx.term()
 
@@ -176,30 +191,41 @@ def test_nvml_actuator_process_on_the_simulated_nvml(tmp_path: Path, monkeypatch
     monkeypatch.delenv(STATE_ENV, raising=False)
     node = SimNvml(tmp_path / "nvml.state", gpus=4)
     address = f"ipc://{tmp_path}/a"
+    keys = make_keys(tmp_path / "keys", nodes=("gpu-a",), instances=("d0",))
+    cfg = tmp_path / "runtime.toml"
+    cfg.write_bytes(tomli_w.dumps({"security": {"keys_dir": str(keys)}, "instances": [
+        {"name": "d0", "phase": "decode", "tp": 4, "node": "gpu-a", "gpus": [0, 1, 2, 3]}]}).encode())
+    cfg.chmod(0o644)
     ctx = zmq.Context()
+    ctl = Security("curve", keys, "controller")
+    ctl.authenticate(ctx, {"actuators": ["actuator-gpu-a"]})
     router = ctx.socket(zmq.ROUTER)
+    ctl.server("actuators")(router)
     router.bind(address)
+    route: list[bytes] = []
     enc, dec = FrameEncoder(), FrameDecoder((MsgType.NODE_STATUS,))
     with open(tmp_path / "actuator.log", "w") as log:
-        p = subprocess.Popen([sys.executable, "-m", "dualscale.cli", "actuator", "--backend", "nvml", "--node", "gpu-a",
+        p = subprocess.Popen([sys.executable, "-m", "dualscale.cli", "actuator", "--config", str(cfg),
+                              "--backend", "nvml", "--node", "gpu-a",
                               "--controller", address, "--deadman-s", "30", "--status-period-s", "0.05"],
                              stdout=log, stderr=subprocess.STDOUT, env=node.env(), cwd=tmp_path)
     try:
         def status() -> NodeStatus | None:
             if router.poll(100):
                 ident, frame = router.recv_multipart()
-                assert ident == b"gpu-a"
+                route[:] = [ident]  # the connection's routing id (the actuator does not choose one)
                 return dec.decode(frame)[1]
             return None
 
         wait_for("the actuator's first status", lambda: status() is not None, procs=[p])
+        assert "NoNewPrivs:\t1" in Path(f"/proc/{p.pid}/status").read_text()
         cmd = ClockCommand("d0", [0, 1, 2, 3], 1000, 1)
-        router.send_multipart([b"gpu-a", bytes(enc.encode(MsgType.CLOCK_COMMAND, cmd))])
+        router.send_multipart([route[0], bytes(enc.encode(MsgType.CLOCK_COMMAND, cmd))])
         wait_for("all four GPUs locked", lambda: [node.locked_mhz(g) for g in range(4)] == [1005] * 4, procs=[p])
         last: list[NodeStatus] = []
 
         def throttled_seen() -> bool:
-            router.send_multipart([b"gpu-a", bytes(enc.encode(MsgType.HEARTBEAT, Heartbeat(1, 1)))])
+            router.send_multipart([route[0], bytes(enc.encode(MsgType.HEARTBEAT, Heartbeat(1, 1)))])
             st = status()
             if st is not None:
                 last.append(st)
@@ -211,7 +237,7 @@ def test_nvml_actuator_process_on_the_simulated_nvml(tmp_path: Path, monkeypatch
         assert (g1.locked_mhz, g1.sm_mhz, g1.reasons) == (1005, 900, 0x4)
         assert last[-1].gpus[0].energy_j >= 0 and last[-1].instances[0].applied_mhz == 1005
         writes = node.writes(0)
-        router.send_multipart([b"gpu-a", bytes(enc.encode(MsgType.CLOCK_COMMAND, ClockCommand("d0", [0, 1, 2, 3],
+        router.send_multipart([route[0], bytes(enc.encode(MsgType.CLOCK_COMMAND, ClockCommand("d0", [0, 1, 2, 3],
                                                                                                  1005, 2)))])
         wait_for("the no-op command counted", lambda: any(
             s.noop_skips >= 4 for s in [status()] if s is not None), procs=[p])
@@ -224,6 +250,7 @@ def test_nvml_actuator_process_on_the_simulated_nvml(tmp_path: Path, monkeypatch
             p.kill()
             p.wait(30)
         router.close(0)
+        ctl.close()
         ctx.term()
 
 
@@ -235,8 +262,10 @@ def test_the_daemon_learns_a_biased_truth(tmp_path: Path):
     measured iteration times (prediction error before and after, from metrics)."""
     state = tmp_path / "node.state"
     port = free_port()
+    keys = make_keys(tmp_path / "keys", instances=["p0", "d0"])
     cfg = {
         "format": 1,
+        "security": {"mechanism": "curve", "keys_dir": str(keys)},
         "instances": [{"name": "p0", "phase": "prefill", "tp": 2, "gpus": [0, 1]},
                       {"name": "d0", "phase": "decode", "tp": 2, "gpus": [2, 3]}],
         "controller": {"report_address": f"ipc://{tmp_path}/r", "actuator_address": f"ipc://{tmp_path}/a",

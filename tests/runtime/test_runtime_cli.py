@@ -19,7 +19,7 @@ def test_actuator_without_privileges_fails_at_start_naming_the_fix(tmp_path, mon
                "--log-level", "error"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "Insufficient Permissions" in err and "root" in err and "sudo dualscale actuator" in err
+    assert "Insufficient Permissions" in err and "root" in err and "systemd unit" in err
     assert node.locked_mhz(1) == 0
 
 

@@ -7,7 +7,18 @@ arguments are node-local indices (NVML order). Calls may take tens of millisecon
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
+from pathlib import Path
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot's identity (Linux ``boot_id``), "" where there is none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:36]
+    except OSError:
+        return ""
 
 
 class ClockBackend(ABC):
@@ -55,6 +66,11 @@ class ClockBackend(ABC):
     def total_energy_j(self, gpu: int) -> float:
         """GPU ``gpu``'s energy counter (J) since some fixed origin: 64-bit, monotonic, coarse in time
         (NVML updates it about every 100 ms)."""
+
+    def energy_counter_id(self, gpu: int) -> str:
+        """Identity of GPU ``gpu``'s energy counter: while it stays the same, the counter never goes
+        back. Default: this boot and the GPU index (a driver reload shows as a counter reset)."""
+        return f"{boot_id()}:{gpu}"
 
     def close(self) -> None:
         """Release the backend's resources (does not touch clocks)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +30,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 #: The fix named when clock control is refused.
-PERMISSION_FIX = ("locking GPU clocks needs root (CAP_SYS_ADMIN): run `sudo dualscale actuator --backend nvml ...` "
-                  "(only the actuator needs it; the controller and the workers run unprivileged)")
+PERMISSION_FIX = ("locking GPU clocks needs root (CAP_SYS_ADMIN): run the actuator as root from a root-owned "
+                  "install, e.g. the systemd unit of the README's Deployment section, or "
+                  "`sudo /opt/dualscale/bin/dualscale actuator --backend nvml ...` (only the actuator needs it; the "
+                  "controller and the workers run unprivileged)")
 
 #: NVML error code -> dualscale error class; every other code maps to DeviceError.
 ERROR_MAP: dict[int, type[DeviceError]] = {
@@ -62,13 +65,21 @@ def _nvml(call: Callable[P, R]) -> Callable[P, R]:
 def preload(library: str | Path) -> None:
     """Load an NVML library by path so pynvml's ``libnvidia-ml.so.1`` lookup finds it (same SONAME).
 
-    Only before pynvml has loaded a library in this process; afterwards the first one stays.
+    Only before pynvml has loaded a library in this process; afterwards the first one stays. The file is
+    checked like every file the actuator reads (:mod:`dualscale.runtime.trust`: owned by root or the
+    running user, writable by no one else, no symlink) and loaded through the checked descriptor, so
+    it cannot be swapped between the check and the load.
     """
+    from dualscale.runtime.trust import open_trusted
+
+    fd = open_trusted(library, "NVML library")
     with _load_lock:
         try:
-            ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+            ctypes.CDLL(f"/proc/self/fd/{fd}", mode=ctypes.RTLD_GLOBAL)
         except OSError as e:
             raise DeviceError(f"NVML library {library}: cannot load: {e}") from e
+        finally:
+            os.close(fd)
 
 
 class NvmlBackend(ClockBackend):

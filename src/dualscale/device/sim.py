@@ -14,9 +14,11 @@ tests look at what the GPUs were told. Access is serialised with ``flock``.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,7 @@ import numpy as np
 from dualscale.device.base import ClockBackend
 from dualscale.errors import DeviceError
 from dualscale.profile import Profile
+from dualscale.runtime.trust import open_trusted
 
 #: Per-GPU record of the shared state (one row per GPU, native byte order, file = rows back to back).
 STATE_DTYPE = np.dtype([
@@ -61,17 +64,23 @@ class SimNodeState:
         self.path = Path(path) if path is not None else None
         self._tlock = threading.Lock()
         self._fd = -1
+        self._mm: mmap.mmap | None = None
+        self.counter_id = f"sim:{uuid.uuid4().hex}"
         if self.path is None:
             self.rows = np.zeros(gpus, dtype=STATE_DTYPE)
             self._init_rows(default_mhz)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # the actuator may run as root: no symlink, owner root or this user, no one else may write
+        self._fd = open_trusted(self.path, "sim state file", flags=os.O_RDWR | os.O_CREAT, mode=0o600)
+        st = os.fstat(self._fd)
+        self.counter_id = f"sim:{st.st_dev}:{st.st_ino}"
         with self.lock():
-            fresh = os.fstat(self._fd).st_size != gpus * STATE_DTYPE.itemsize
+            fresh = st.st_size != gpus * STATE_DTYPE.itemsize
             if fresh:
                 os.ftruncate(self._fd, gpus * STATE_DTYPE.itemsize)
-            self.rows = np.memmap(self.path, dtype=STATE_DTYPE, mode="r+", shape=(gpus,))
+            self._mm = mmap.mmap(self._fd, gpus * STATE_DTYPE.itemsize)  # the open file, not the path again
+            self.rows = np.frombuffer(self._mm, dtype=STATE_DTYPE)
             if fresh:
                 self._init_rows(default_mhz)
 
@@ -106,9 +115,10 @@ class SimNodeState:
 
     def close(self) -> None:
         if self._fd >= 0:
-            rows = self.rows
-            if isinstance(rows, np.memmap):
-                rows.flush()
+            if self._mm is not None:
+                self.rows = np.array(self.rows)  # drop the view so the map can close
+                self._mm.flush()
+                self._mm.close()
             os.close(self._fd)
             self._fd = -1
 
@@ -259,6 +269,9 @@ class SimBackend(ClockBackend):
     def power_w(self, gpu: int) -> float:
         with self.state.lock():
             return self._power(self._gpu(gpu), time.monotonic_ns())
+
+    def energy_counter_id(self, gpu: int) -> str:
+        return f"{self.state.counter_id}:{gpu}"
 
     def total_energy_j(self, gpu: int) -> float:
         with self.state.lock():

@@ -14,7 +14,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_parsers(sub: Any) -> None:
-    """Add the ``serve`` and ``actuator`` subcommands to the ``dualscale`` subparsers ``sub``."""
+    """Add the ``serve``, ``actuator`` and ``keys`` subcommands to the ``dualscale`` subparsers ``sub``."""
     serve = sub.add_parser(
         "serve", help="run the controller daemon: worker reports in, clock commands out",
         description=(
@@ -37,9 +37,14 @@ def add_parsers(sub: Any) -> None:
             "instance in parallel), skip no-op writes, round up to supported clocks, read back the clock\n"
             "reached, throttle reasons, power and energy, and report them. Resets every managed GPU at start,\n"
             "on exit and on SIGTERM/SIGINT, and when the controller is silent for --deadman-s.\n"
-            "--backend nvml needs root (CAP_SYS_ADMIN); --backend sim simulates the node.\n\n"
+            "--backend nvml needs root (CAP_SYS_ADMIN); --backend sim simulates the node.\n"
+            "Refuses to start when its config, policy, key or library file could be written by a user other\n"
+            "than root (or the user it runs as) or is a symlink; takes commands only from the controller's\n"
+            "key and only for the instances, GPUs and clocks of the node policy. Exits non-zero when a GPU\n"
+            "could not be reset.\n\n"
             "examples:\n"
-            "  sudo dualscale actuator --config deploy.toml --backend nvml --node gpu-node-3\n"
+            "  systemctl start dualscale-actuator   # the deployment path: see the README's Deployment section\n"
+            "  /opt/dualscale/bin/dualscale actuator --config /etc/dualscale/runtime.toml --backend nvml --node gpu-node-3\n"
             "  dualscale actuator --config example --backend sim --state-file node0.state"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,7 +59,27 @@ def add_parsers(sub: Any) -> None:
     act.add_argument("--nvml-library", help="NVML library to load instead of the driver's libnvidia-ml.so.1")
     act.add_argument("--sim-gpus", type=int, help="sim backend: GPUs of the simulated node")
     act.add_argument("--state-file", help="sim backend: share the simulated node through this file")
+    act.add_argument("--policy", help="node policy file (instances, GPUs, clock bounds; default: the config's)")
     act.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+    keys = sub.add_parser(
+        "keys", help="make the CURVE key pairs of a deployment's roles",
+        description=(
+            "Write one CURVE key pair per role of a runtime config into a directory (created mode 0700):\n"
+            "controller, actuator-<node> per node, engine-<instance> per instance. NAME.key holds the public\n"
+            "key (0644), NAME.key_secret the pair (0600); files are written atomically and never through a\n"
+            "symlink, and existing pairs are kept unless --force. Give each host its own role's .key_secret\n"
+            "and the public keys it checks (every host: controller.key; the controller: all of them).\n\n"
+            "examples:\n"
+            "  dualscale keys --config deploy.toml --out /etc/dualscale/keys\n"
+            "  dualscale keys --out ./keys --name engine-decode-7"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    keys.add_argument("--config", default="example", help="runtime config whose roles get keys (default: %(default)s)")
+    keys.add_argument("--out", required=True, help="key directory (the config's [security] keys_dir on the hosts)")
+    keys.add_argument("--name", nargs="+", help="make only these key pairs (e.g. controller, actuator-node0)")
+    keys.add_argument("--force", action="store_true", help="replace existing key pairs")
 
 
 def _on_signals(stop: Callable[[], None]) -> None:
@@ -63,6 +88,17 @@ def _on_signals(stop: Callable[[], None]) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def _no_new_privileges() -> None:
+    """Linux ``PR_SET_NO_NEW_PRIVS``: nothing this process runs can gain privileges (setuid files,
+    file capabilities). Best effort: the systemd unit sets it too (``NoNewPrivileges=yes``)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS = 38
+    except (OSError, AttributeError):
+        pass
 
 
 def _logging(level: str) -> None:
@@ -85,31 +121,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    import sys
+
+    from dualscale.runtime.config import load_runtime_config
+    from dualscale.runtime.keys import role_names, write_keypair
+
+    names = args.name
+    if not names:
+        cfg = load_runtime_config(args.config)
+        names = role_names({i.node for i in cfg.instances}, [i.name for i in cfg.instances])
+    for n in names:
+        try:
+            public, secret = write_keypair(args.out, n, force=args.force)
+        except FileExistsError as e:
+            print(f"dualscale keys: {e}", file=sys.stderr)
+            return 1
+        print(f"{n}: {public} (public), {secret} (secret, 0600)")
+    return 0
+
+
 def cmd_actuator(args: argparse.Namespace) -> int:
     from dualscale.device import make_backend
     from dualscale.runtime.actuator import Actuator
-    from dualscale.runtime.config import ActuatorSettings, SimSettings, load_runtime_config
+    from dualscale.runtime.config import (
+        ActuatorSettings,
+        NodePolicy,
+        SimSettings,
+        load_policy,
+        load_trusted_runtime_config,
+    )
+    from dualscale.runtime.keys import Security, actuator_name
 
+    _no_new_privileges()
     _logging(args.log_level)
-    cfg = load_runtime_config(args.config)
+    cfg = load_trusted_runtime_config(args.config)
     a = cfg.actuator
     over = {k: v for k, v in (("backend", args.backend), ("node", args.node), ("controller_address", args.controller),
                               ("deadman_s", args.deadman_s), ("status_period_s", args.status_period_s),
-                              ("gpus", args.gpus), ("nvml_library", args.nvml_library)) if v is not None}
+                              ("gpus", args.gpus), ("nvml_library", args.nvml_library),
+                              ("policy_file", args.policy)) if v is not None}
     sim_over = {k: v for k, v in (("gpus", args.sim_gpus), ("state_file", args.state_file)) if v is not None}
     sim = msgspec.convert(msgspec.structs.asdict(a.sim) | sim_over, SimSettings)
     # round-trip through msgspec so command-line values get the same checks as the file's
     a = msgspec.convert(msgspec.structs.asdict(a) | over | {"sim": msgspec.structs.asdict(sim)}, ActuatorSettings)
     backend = make_backend(a.backend, profile=cfg.profile, gpus=a.sim.gpus, switch_delay_s=a.sim.switch_delay_s,
                            state_file=a.sim.state_file or None, nvml_library=a.nvml_library or None)
+    policy = load_policy(a.policy_file) if a.policy_file else NodePolicy.of_node(cfg, a.node)
     with backend:
-        actuator = Actuator(backend, a)
+        actuator = Actuator(backend, a, policy)
         _on_signals(actuator.stop)
+        actuator.start()  # resets every GPU first: a previous actuator may have died with them locked
+        try:
+            actuator.security = Security(cfg.security.mechanism, cfg.security.keys_dir, actuator_name(a.node))
+        except BaseException:
+            actuator.close()
+            raise
         actuator.run()
-    return 0
+    return actuator.exit_code
 
 
 HANDLERS: dict[tuple[str, None], Callable[[argparse.Namespace], int]] = {
     ("serve", None): cmd_serve,
     ("actuator", None): cmd_actuator,
+    ("keys", None): cmd_keys,
 }

@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from dualscale.config import Control, Slo, builtin_names, check, load_named
+from dualscale.config import Control, Slo, builtin_config_dir, builtin_names, check, decode_toml, load_named
+from dualscale.runtime.trust import read_trusted
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
@@ -42,6 +43,10 @@ class ControllerSettings(_Frozen):
     heartbeat_s: Positive = 0.25
     #: high-water mark of every socket (messages)
     hwm: Count = 1000
+    #: energy accounting survives a controller restart through this file (the last counter reading of
+    #: every GPU and the totals, written atomically about once a second); "" = a restart starts afresh
+    #: and loses the energy between the last status before it and the first after it
+    state_file: str = ""
 
 
 class SimSettings(_Frozen):
@@ -65,10 +70,60 @@ class ActuatorSettings(_Frozen):
     status_period_s: Positive = 0.5
     #: GPUs this actuator manages (NVML indices); empty = all
     gpus: list[GpuIndex] = []
-    #: NVML library to load instead of the system's libnvidia-ml.so.1 ("" = the system's)
+    #: NVML library to load instead of the system's libnvidia-ml.so.1 ("" = the system's); the file and
+    #: its directories must be owned by root (or the running user, when not root) and writable by no one else
     nvml_library: str = ""
+    #: the node policy (TOML, see NodePolicy): instances, their GPUs and clock bounds; "" = the config's
+    #: [[instances]] of this node with no clock bounds
+    policy_file: str = ""
     sim: SimSettings = SimSettings()
     hwm: Count = 1000
+
+
+class SecuritySettings(_Frozen):
+    """Authentication and encryption of every runtime socket (see :mod:`dualscale.runtime.keys`)."""
+
+    #: "curve": ZeroMQ CURVE with the key pairs of `dualscale keys`; "none": plain ZeroMQ, no
+    #: authentication (warned about at start; only for a single-user host)
+    mechanism: Literal["curve", "none"] = "curve"
+    #: directory of the key files; each host holds its own role's secret and the public keys it checks
+    keys_dir: str = "/etc/dualscale/keys"
+
+
+class PolicyInstance(_Frozen, kw_only=True):
+    """One instance the actuator may clock: its GPUs and the clock range allowed (MHz, 0 = unbounded)."""
+
+    name: str
+    gpus: list[GpuIndex]
+    min_mhz: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_mhz: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+    def __post_init__(self) -> None:
+        check(bool(self.gpus) and len(set(self.gpus)) == len(self.gpus), f"instances.{self.name}.gpus", self.gpus,
+              "must name each GPU once, at least one")
+        check(not self.max_mhz or self.min_mhz <= self.max_mhz, f"instances.{self.name}.max_mhz", self.max_mhz,
+              f"must be >= min_mhz ({self.min_mhz}) or 0")
+
+
+class NodePolicy(_Frozen, kw_only=True):
+    """What the actuator of one node accepts; a command outside it is refused and counted."""
+
+    format: Literal[1] = 1
+    instances: list[PolicyInstance] = []
+
+    def __post_init__(self) -> None:
+        seen: dict[int, str] = {}
+        for inst in self.instances:
+            for g in inst.gpus:
+                other = seen.setdefault(g, inst.name)
+                check(other == inst.name, f"instances.{inst.name}.gpus", inst.gpus,
+                      f"GPU {g} is already used by instance {other!r}")
+
+    @classmethod
+    def of_node(cls, config: RuntimeConfig, node: str) -> NodePolicy:
+        """The instances of ``node`` in a runtime config, without clock bounds."""
+        return cls(instances=[PolicyInstance(name=i.name, gpus=list(i.gpus)) for i in config.instances
+                              if i.node == node])
 
 
 class InstanceSpec(_Frozen, kw_only=True):
@@ -100,6 +155,7 @@ class RuntimeConfig(_Frozen, kw_only=True):
     control: Control = Control()
     controller: ControllerSettings = ControllerSettings()
     actuator: ActuatorSettings = ActuatorSettings()
+    security: SecuritySettings = SecuritySettings()
     instances: list[InstanceSpec] = []
 
     def __post_init__(self) -> None:
@@ -122,3 +178,19 @@ def builtin_runtime_configs() -> list[str]:
 def load_runtime_config(name_or_path: str | Path) -> RuntimeConfig:
     """A built-in runtime config by name (e.g. ``"example"``) or a TOML file by path."""
     return load_named(name_or_path, RuntimeConfig, "runtime", "runtime config")
+
+
+def load_trusted_runtime_config(name_or_path: str | Path) -> RuntimeConfig:
+    """As :func:`load_runtime_config`, for a privileged process: the file is opened without following
+    symlinks and refused unless root (or the running user) owns it and no one else may write it."""
+    p = Path(name_or_path)
+    if not (p.suffix == ".toml" or p.exists()):
+        p = builtin_config_dir() / "runtime" / f"{name_or_path}.toml"
+        if not p.is_file():
+            return load_runtime_config(name_or_path)  # the error listing the built-in configs
+    return decode_toml(read_trusted(p, "runtime config"), RuntimeConfig, str(p))
+
+
+def load_policy(path: str | Path) -> NodePolicy:
+    """A node policy file (TOML, see :class:`NodePolicy`), checked like the actuator's config."""
+    return decode_toml(read_trusted(path, "node policy"), NodePolicy, str(path))

@@ -21,25 +21,40 @@ answer (the command goes to the actuator, not back to the engine).
 
 Nothing a peer sends can stop the daemon: malformed frames, other protocol versions, unknown
 instances, out-of-order or invalid reports are counted (``dualscale_dropped_messages``) and dropped.
+
+Trust (see :mod:`dualscale.runtime.keys`): with CURVE, a report is taken only for the instance its
+sender's key names and a status only for the node its key names (``identity`` drops). Report order is
+kept per instance and sender incarnation (``epoch``, the sender's monotonic clock at its start): a
+new epoch replaces the current one when it is larger (a restart on the same host) or when the
+current one has been silent for ``EPOCH_STALE_S`` (a move, a reboot, or a forged epoch), so no
+report can lock out the real sender for longer than that. Actuators are routed by the node their key
+names, not by a name they choose: the first live connection of a node gets its commands; a second
+one while the first is connected and reports is refused and counted (``dualscale_actuator_conflicts``);
+an actuator that (re)connects is sent its instances' latest commands at once.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import zmq
 
+from dualscale._files import write_atomic
 from dualscale.control import DecodeController, PrefillController, make_controller
 from dualscale.errors import ProtocolError
 from dualscale.profile import Profile
 from dualscale.runtime.config import InstanceSpec, RuntimeConfig
+from dualscale.runtime.keys import CONTROLLER, Security, actuator_name, engine_name, role_names
 from dualscale.runtime.messages import (
     ClockCommand,
     DecodeReport,
@@ -52,8 +67,10 @@ from dualscale.runtime.messages import (
     PrefillReport,
 )
 from dualscale.runtime.metrics import DaemonMetrics, serve_metrics
+from dualscale.runtime.ratelog import RateLimitedLog
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
 from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLIN, make_socket
+from dualscale.runtime.trust import read_trusted
 
 log = logging.getLogger("dualscale.runtime.daemon")
 
@@ -61,8 +78,26 @@ log = logging.getLogger("dualscale.runtime.daemon")
 MAX_DRAIN = 1024
 #: Republish the plan this often (s), for subscribers that joined late.
 PLAN_PERIOD_S = 1.0
-#: An actuator is "up" while its last status is younger than this many of its periods (or 2 s).
+#: An actuator is "up" while its last status is younger than this (s); a second connection claiming
+#: the node is refused while the first is up.
 ACTUATOR_UP_S = 2.0
+#: A report epoch other than the current one's is taken once the current one is silent this long (s).
+EPOCH_STALE_S = 0.5
+#: Write the energy state file at most this often (s).
+STATE_PERIOD_S = 1.0
+#: Largest frame taken on each socket (bytes): reports carry per-request arrays (a 256-request report
+#: is ~6 KB); a status carries at most MAX_GPUS GPUs and MAX_INSTANCES instances.
+MAX_REPORT_BYTES = 4 << 20
+MAX_STATUS_BYTES = 256 << 10
+
+
+class EnergyState(msgspec.Struct, forbid_unknown_fields=True):
+    """What the energy accounting carries across a controller restart (``controller.state_file``)."""
+
+    #: "node/gpu" -> (counter identity, last counter reading J)
+    counters: dict[str, tuple[str, float]] = {}
+    #: energy counted so far per phase (J)
+    energy_j: dict[str, float] = {}
 
 
 class DaemonState(IntEnum):
@@ -98,7 +133,7 @@ class _Slot:
     __slots__ = ("spec", "phase", "node_id", "gpus", "ctl", "decide", "epoch", "last_seq", "pending",
                  "recv_ns", "seq", "decided_epoch", "decided_seq", "decided_freq_mhz", "m_decisions", "m_latency",
                  "m_clock", "m_infeasible", "m_correction", "m_error_model", "m_error_corrected", "m_feedback",
-                 "m_safety")
+                 "m_safety", "user", "heard_s", "last_cmd")
 
     def __init__(self, spec: InstanceSpec, ctl: Any, decide: Callable[[Any, Any], tuple[int, bool]],
                  metrics: DaemonMetrics) -> None:
@@ -117,6 +152,9 @@ class _Slot:
         self.decided_epoch = -1
         self.decided_seq = -1
         self.decided_freq_mhz = 0
+        self.user = engine_name(spec.name)  # the key name allowed to report for this instance
+        self.heard_s = 0.0  # monotonic time of the last report taken
+        self.last_cmd: ClockCommand | None = None  # re-sent to an actuator that (re)connects
         self.m_decisions = metrics.decisions.labels(spec.name, spec.phase)
         self.m_latency = metrics.decision_latency.labels(spec.phase)
         self.m_clock = metrics.clock.labels(spec.name)
@@ -151,7 +189,12 @@ class ControllerDaemon:
         self.slots: dict[str, _Slot] = {}
         for spec in config.instances:
             self.slots[spec.name] = self._slot(spec)
-        self.nodes = sorted({s.node_id for s in self.slots.values()})
+        self.nodes = sorted({s.spec.node for s in self.slots.values()})
+        self._node_of_user = {actuator_name(n): n for n in self.nodes}
+        #: node -> (routing id of its actuator's connection, monotonic time last heard, actuator epoch)
+        self.routes: dict[str, tuple[bytes, float, int]] = {}
+        self.conflicts: dict[str, int] = dict.fromkeys(self.nodes, 0)
+        self._warn = RateLimitedLog(log)
         self.gpu_phase = {(s.spec.node, g): s.spec.phase for s in self.slots.values() for g in s.gpus}
         self.plan = PlanUpdate(self.epoch, 1, [
             PlanInstance(s.name, Phase.PREFILL if s.phase == "prefill" else Phase.DECODE, s.tp, s.node, list(s.gpus),
@@ -169,8 +212,16 @@ class ControllerDaemon:
         self._next_heartbeat_s = 0.0
         self._next_plan_s = 0.0
         self._plan_sent_seq = 0
-        self._node_seen_s: dict[str, float] = {}
+        self._node_seen_s: dict[str, float] = {}  # node -> when its routed actuator last reported
         self._gpu_energy: dict[tuple[str, int], tuple[int, float]] = {}
+        #: (node, gpu) -> (counter identity, last counter reading J): energy is counted from these deltas
+        self._gpu_counter: dict[tuple[str, int], tuple[str, float]] = {}
+        self.energy_j: dict[str, float] = {"prefill": 0.0, "decode": 0.0}
+        self.counter_resets = 0
+        self.security: Security | None = None
+        self._curve = config.security.mechanism == "curve"
+        self._next_state_s = 0.0
+        self._load_state()
         self._gpu_power: dict[tuple[str, int], float] = {}
         #: frames dropped, by reason (mirrors the Prometheus counter, for tests and logs)
         self.dropped: dict[str, int] = {}
@@ -203,13 +254,21 @@ class ControllerDaemon:
             ctx = self._ctx if self._ctx is not None else zmq.Context()
             if self._ctx is None:
                 stack.callback(ctx.term)
-            self._reports = make_socket(ctx, zmq.PULL, cs.report_address, bind=True, hwm=cs.hwm)
+            sec = self.security = Security(self.config.security.mechanism, self.config.security.keys_dir, CONTROLLER)
+            stack.callback(sec.close)
+            roles = role_names(self.nodes, self.slots)
+            sec.authenticate(ctx, {"reports": [s.user for s in self.slots.values()],
+                                   "actuators": list(self._node_of_user), "plan": roles[1:]})
+            self._reports = make_socket(ctx, zmq.PULL, cs.report_address, bind=True, hwm=cs.hwm,
+                                        secure=sec.server("reports"), max_bytes=MAX_REPORT_BYTES)
             stack.callback(self._reports.close, 0)
             self._actuators = make_socket(ctx, zmq.ROUTER, cs.actuator_address, bind=True, hwm=cs.hwm,
-                                          router_mandatory=True)
+                                          router_mandatory=True, secure=sec.server("actuators"),
+                                          max_bytes=MAX_STATUS_BYTES)
             stack.callback(self._actuators.close, 0)
             if cs.plan_address:
-                self._plan_pub = make_socket(ctx, zmq.PUB, cs.plan_address, bind=True, hwm=cs.hwm)
+                self._plan_pub = make_socket(ctx, zmq.PUB, cs.plan_address, bind=True, hwm=cs.hwm,
+                                             secure=sec.server("plan"), max_bytes=1024)  # subscriptions only
                 stack.callback(self._plan_pub.close, 0)
             if cs.metrics_port:
                 server = serve_metrics(self.metrics, cs.metrics_host, cs.metrics_port)
@@ -229,6 +288,7 @@ class ControllerDaemon:
                 while self.state == DaemonState.RUNNING:
                     self.step()
             finally:
+                self._save_state()
                 self.state = DaemonState.STOPPED
                 log.info("controller: stopped after %d decisions", self.decisions)
 
@@ -256,13 +316,22 @@ class ControllerDaemon:
         reports, actuators = self._reports, self._actuators
         assert reports is not None and actuators is not None  # internal: run() opened them
         # ask the socket whether a frame waits instead of catching zmq.Again (an exception per drain)
+        curve = self._curve
         n = 0
         while n < MAX_DRAIN and reports.getsockopt(EVENTS) & POLLIN:
-            self.handle_report(reports.recv(copy=True), time.perf_counter_ns())
+            if curve:  # User-Id is the sender's key name, set by our authenticator for the connection
+                f = reports.recv(copy=False)
+                self.handle_report(f.bytes, time.perf_counter_ns(), f.get("User-Id"))
+            else:  # a plain copy is cheaper than a Frame for small messages
+                self.handle_report(reports.recv(copy=True), time.perf_counter_ns())
             n += 1
         n = 0
         while n < MAX_DRAIN and actuators.getsockopt(EVENTS) & POLLIN:
-            self.handle_status(actuators.recv_multipart(copy=True)[-1])
+            parts = actuators.recv_multipart(copy=False)
+            if len(parts) != 2:
+                self._drop("malformed", f"{len(parts)} frames from an actuator")
+                continue
+            self.handle_status(parts[1].bytes, parts[0].bytes, parts[1].get("User-Id") if curve else None)
             n += 1
 
     def _drop(self, reason: str, detail: object) -> None:
@@ -270,8 +339,10 @@ class ControllerDaemon:
         self.metrics.dropped.labels(reason).inc()
         log.debug("controller: dropped a message (%s): %s", reason, detail)
 
-    def handle_report(self, frame: bytes, recv_ns: int) -> None:
-        """Check one report frame and keep it as its instance's newest (or count why not)."""
+    def handle_report(self, frame: bytes, recv_ns: int, user: str | None = None) -> None:
+        """Check one report frame and keep it as its instance's newest (or count why not).
+
+        ``user`` is the sender's authenticated key name (None without CURVE: not checked)."""
         try:
             mtype, r = self._report_dec.decode(frame)
         except ProtocolError as e:
@@ -281,13 +352,23 @@ class ControllerDaemon:
         if slot is None:
             self._drop("unknown_instance", r.instance)
             return
+        if user is not None and user != slot.user:
+            self._drop("identity", f"{r.instance}: reported by key {user!r}")
+            return
         if (mtype is MsgType.PREFILL_REPORT) != (slot.phase is Phase.PREFILL):
             self._drop("invalid", f"{r.instance}: {mtype.name} for a {slot.spec.phase} instance")
             return
-        if r.epoch < slot.epoch or (r.epoch == slot.epoch and r.seq <= slot.last_seq):
+        if not 0 < r.epoch <= r.sent_ns or r.seq < 1:  # both on the sender's monotonic clock
+            self._drop("invalid", f"{r.instance}: epoch {r.epoch}, sent_ns {r.sent_ns}, seq {r.seq}")
+            return
+        now_s = time.monotonic()
+        # order holds while the current stream is live; once it has been quiet (only rejected
+        # reports) for EPOCH_STALE_S anything valid is taken, so a poisoned epoch or seq heals
+        if (now_s - slot.heard_s < EPOCH_STALE_S and r.epoch <= slot.epoch
+                and (r.epoch < slot.epoch or r.seq <= slot.last_seq)):
             self._drop("out_of_order", f"{r.instance}: epoch {r.epoch} seq {r.seq} after {slot.epoch}/{slot.last_seq}")
             return
-        slot.epoch, slot.last_seq = r.epoch, r.seq
+        slot.epoch, slot.last_seq, slot.heard_s = r.epoch, r.seq, now_s
         if slot.pending is not None:
             self.metrics.superseded.inc()
         else:
@@ -295,31 +376,45 @@ class ControllerDaemon:
         slot.pending = r
         slot.recv_ns = recv_ns
 
-    def handle_status(self, frame: bytes) -> None:
-        """Fold one actuator status into the metrics (clocks, reasons, per-phase power and energy)."""
+    def handle_status(self, frame: bytes, route: bytes = b"", user: str | None = None) -> None:
+        """Fold one actuator status into the metrics (clocks, reasons, per-phase power and energy).
+
+        ``route`` is the connection's routing id on the actuator socket; ``user`` the sender's
+        authenticated key name (None without CURVE: the node named in the status is believed)."""
         try:
             st: NodeStatus = self._status_dec.decode(frame)[1]
         except ProtocolError as e:
             self._drop(e.reason, e)
             return
+        node = st.node if user is None else self._node_of_user.get(user)
+        if node is None or node != st.node:
+            self._drop("identity", f"status for node {st.node!r} from key {user!r}")
+            return
+        if node not in self.conflicts:
+            self._drop("unknown_instance", f"status of node {node!r}, which no instance uses")
+            return
+        if not all(math.isfinite(v) and v >= 0 for g in st.gpus for v in (g.power_w, g.energy_j, g.counter_j)):
+            self._drop("invalid", f"{node}: a negative or non-finite power or energy")
+            return
+        now_s = time.monotonic()
+        if not self._take_route(node, route, st.epoch, now_s):
+            return
+        self._node_seen_s[node] = now_s
         m = self.metrics
-        self._node_seen_s[st.node] = time.monotonic()
-        m.actuator_up.labels(st.node).set(1)
-        m.deadman_resets.labels(st.node).set(st.deadman_resets)
+        m.actuator_up.labels(node).set(1)
+        m.deadman_resets.labels(node).set(st.deadman_resets)
         for g in st.gpus:
-            key = (st.node, g.index)
-            gpu = str(g.index)
-            m.gpu_clock.labels(st.node, gpu).set(g.sm_mhz)
-            m.gpu_locked.labels(st.node, gpu).set(g.locked_mhz)
-            m.gpu_reasons.labels(st.node, gpu).set(g.reasons)
+            key = (node, g.index)
             phase = self.gpu_phase.get(key)
-            if phase is None:
+            if phase is None:  # a GPU no instance uses: no label is made for it (bounded label sets)
                 continue
-            prev = self._gpu_energy.get(key)
-            # a new actuator epoch restarts its meters from 0
-            delta = g.energy_j - prev[1] if prev is not None and prev[0] == st.epoch else g.energy_j
-            self._gpu_energy[key] = (st.epoch, g.energy_j)
+            gpu = str(g.index)
+            m.gpu_clock.labels(node, gpu).set(g.sm_mhz)
+            m.gpu_locked.labels(node, gpu).set(g.locked_mhz)
+            m.gpu_reasons.labels(node, gpu).set(g.reasons)
+            delta = self._energy_delta(key, g, st.epoch)
             if delta > 0:
+                self.energy_j[phase] += delta
                 m.energy.labels(phase).inc(delta)
             self._gpu_power[key] = g.power_w
         for phase in ("prefill", "decode"):
@@ -354,6 +449,83 @@ class ControllerDaemon:
         power = [self._gpu_power.get((node, g), 0.0) for g in slot.gpus]
         return sum(power) / len(power) if all(p > 0 for p in power) else 0.0
 
+    def _take_route(self, node: str, route: bytes, epoch: int, now_s: float) -> bool:
+        """Route ``node``'s commands to the connection ``route`` unless another live one holds it."""
+        held = self.routes.get(node)
+        if held is not None and held[0] != route and now_s - held[1] < ACTUATOR_UP_S and self._connected(held[0]):
+            self.conflicts[node] += 1
+            self.metrics.conflicts.labels(node).inc()
+            self._drop("conflict", f"{node}: a second actuator connection while the first reports")
+            self._warn(logging.WARNING, f"conflict:{node}", "controller: a second actuator claims node %s while "
+                       "the first still reports: refused (no commands are sent to it)", node)
+            return False
+        self.routes[node] = (route, now_s, epoch)
+        if held is None or held[0] != route or held[2] != epoch:
+            # a new or reconnected actuator: give it its instances' clocks now, not at their next report
+            if held is not None:
+                log.info("controller: actuator of %s (re)connected; sending its instances' latest clocks", node)
+            self._outbox.extend((s, s.last_cmd) for s in self.slots.values()
+                                if s.spec.node == node and s.last_cmd is not None)
+        return True
+
+    def _connected(self, route: bytes) -> bool:
+        """Whether the actuator connection ``route`` is still there (a heartbeat to it is routable): a
+        killed actuator's connection is gone at once, a hung one's after the ZMTP heartbeat timeout."""
+        sock = self._actuators
+        if sock is None:
+            return True
+        try:
+            sock.send_multipart([route, self._enc.encode(MsgType.HEARTBEAT, Heartbeat(self.epoch, time.monotonic_ns()))],
+                                NOBLOCK)
+        except zmq.Again:
+            return True  # there, with a full queue
+        except zmq.ZMQError:
+            return False  # EHOSTUNREACH (ROUTER_MANDATORY): that connection is closed
+        return True
+
+    def _energy_delta(self, key: tuple[str, int], g: Any, epoch: int) -> float:
+        """Energy of one GPU since its previous status (J), from the device counter and its identity:
+        a first sight only sets the baseline (never re-adds what an earlier controller counted); a
+        counter that went backwards, or a new identity (reboot, driver reload), counts from zero."""
+        if not g.counter_id:  # an actuator that does not send its counter: its meter, per epoch
+            prev = self._gpu_energy.get(key)
+            self._gpu_energy[key] = (epoch, g.energy_j)
+            if prev is None:
+                return 0.0  # first sight (e.g. this controller restarted): a baseline, never a re-add
+            return g.energy_j - prev[1] if prev[0] == epoch else g.energy_j  # a new actuator's meter starts at 0
+        prev_c = self._gpu_counter.get(key)
+        self._gpu_counter[key] = (g.counter_id, g.counter_j)
+        if prev_c is None:
+            return 0.0
+        if prev_c[0] == g.counter_id and g.counter_j >= prev_c[1]:
+            return g.counter_j - prev_c[1]
+        self.counter_resets += 1
+        self._warn(logging.WARNING, f"reset:{key}", "controller: energy counter of %s GPU %d was reset or replaced "
+                   "(%s %.0f J -> %s %.0f J): counting from zero", key[0], key[1], prev_c[0], prev_c[1],
+                   g.counter_id, g.counter_j)
+        return g.counter_j
+
+    def _load_state(self) -> None:
+        path = self.config.controller.state_file
+        if not path or not Path(path).exists():
+            return
+        st = msgspec.json.decode(read_trusted(path, "controller state file"), type=EnergyState)
+        for key, (cid, c) in st.counters.items():
+            node, _, gpu = key.rpartition("/")
+            if (node, int(gpu)) in self.gpu_phase and math.isfinite(c):
+                self._gpu_counter[(node, int(gpu))] = (cid, c)
+        for phase, e in st.energy_j.items():
+            if phase in self.energy_j and math.isfinite(e) and e > 0:
+                self.energy_j[phase] = e
+                self.metrics.energy.labels(phase).inc(e)
+        log.info("controller: energy accounting resumed from %s (%d GPU counters)", path, len(self._gpu_counter))
+
+    def _save_state(self) -> None:
+        path = self.config.controller.state_file
+        if path:
+            st = EnergyState({f"{n}/{g}": v for (n, g), v in self._gpu_counter.items()}, dict(self.energy_j))
+            write_atomic(Path(path), msgspec.json.encode(st))
+
     def _decide(self) -> None:
         dirty, self._dirty = self._dirty, []
         for slot in dirty:  # in the order their reports arrived
@@ -368,7 +540,8 @@ class ControllerDaemon:
                 slot.decided_seq = -1  # no decision on r: the next report's measurement matches none
                 continue
             slot.seq += 1
-            self._outbox.append((slot, ClockCommand(r.instance, slot.gpus, freq_mhz, slot.seq, r.sent_ns, self.epoch)))
+            slot.last_cmd = ClockCommand(r.instance, slot.gpus, freq_mhz, slot.seq, r.sent_ns, self.epoch)
+            self._outbox.append((slot, slot.last_cmd))
             if not feasible:
                 slot.m_infeasible.inc()
 
@@ -376,8 +549,11 @@ class ControllerDaemon:
         sock = self._actuators
         assert sock is not None  # internal: run() opened it
         for slot, cmd in self._outbox:
+            route = self.routes.get(slot.spec.node)
             try:
-                sock.send_multipart([slot.node_id, self._enc.encode(MsgType.CLOCK_COMMAND, cmd)], NOBLOCK)
+                if route is None:
+                    raise zmq.Again()
+                sock.send_multipart([route[0], self._enc.encode(MsgType.CLOCK_COMMAND, cmd)], NOBLOCK)
             except (zmq.Again, zmq.ZMQError):  # EHOSTUNREACH: that actuator is not connected
                 self.metrics.unroutable.labels(slot.spec.node).inc()
                 continue
@@ -394,14 +570,19 @@ class ControllerDaemon:
             sock = self._actuators
             assert sock is not None  # internal: run() opened it
             hb = self._enc.encode(MsgType.HEARTBEAT, Heartbeat(self.epoch, time.monotonic_ns()))
-            for node in self.nodes:
+            for node, (route, seen, _epoch) in self.routes.items():
                 try:
-                    sock.send_multipart([node, hb], zmq.NOBLOCK)
+                    sock.send_multipart([route, hb], zmq.NOBLOCK)
                 except (zmq.Again, zmq.ZMQError):
-                    pass  # not connected (yet): its dead-man switch is the safety net
-            for node, seen in self._node_seen_s.items():
+                    pass  # gone: its dead-man switch is the safety net
                 if now_s - seen > ACTUATOR_UP_S:
                     self.metrics.actuator_up.labels(node).set(0)
+            if self.security is not None:
+                for domain, n in self.security.denied.items():
+                    self.metrics.auth_denied.labels(domain).set(n)
+        if now_s >= self._next_state_s:
+            self._next_state_s = now_s + STATE_PERIOD_S
+            self._save_state()
         if self._plan_pub is not None and (now_s >= self._next_plan_s or self.plan.seq != self._plan_sent_seq):
             self._next_plan_s = now_s + PLAN_PERIOD_S
             self._plan_sent_seq = self.plan.seq

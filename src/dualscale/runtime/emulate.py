@@ -149,7 +149,9 @@ def emulate(config: RuntimeConfig, prefill: str, decode: str, *, state_file: str
     node = SimNodeState.attach(state_file) if state_file else None
     address = report_address or config.controller.report_address
     pacer = _Pacer(speed)
-    with WorkerAgent(address, prefill, "prefill") as pa, WorkerAgent(address, decode, "decode") as da:
+    keys = config.security.keys_dir if config.security.mechanism == "curve" else None
+    with WorkerAgent(address, prefill, "prefill", keys_dir=keys) as pa, \
+            WorkerAgent(address, decode, "decode", keys_dir=keys) as da:
         controls: dict[str, _Remote] = {"prefill": _RemotePrefill(p_spec, pa, node, profile, pacer),
                                         "decode": _RemoteDecode(d_spec, da, node, profile, pacer)}
         run = Simulation(scenario, profile, requests, RemotePolicy(profile, scenario, controls)).run()

@@ -34,11 +34,23 @@ on the engine's own clock, whatever it is, as long as it is one clock.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Annotated
 
 import msgspec
 
 #: Major protocol version, byte 0 of every frame. Bumped only for an incompatible change.
-PROTOCOL_VERSION = 1
+#: 2: report epochs are the sender's CLOCK_MONOTONIC at its start (were wall-clock ns), and the
+#: controller routes commands by the actuator's authenticated key, not by a routing id it chose.
+PROTOCOL_VERSION = 2
+
+#: Bounds every receiver enforces while decoding (a hostile peer cannot make it allocate more).
+MAX_NAME = 128
+MAX_GPUS = 256
+MAX_GPU_INDEX = 1023
+MAX_INSTANCES = 256
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+Gpu = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_INDEX)]
+Gpus = Annotated[list[Gpu], msgspec.Meta(max_length=MAX_GPUS)]
 
 
 class MsgType(IntEnum):
@@ -64,7 +76,7 @@ class _Report(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, fro
 
     Attributes:
         instance: instance name (as in the runtime config).
-        epoch: the agent's incarnation (wall-clock ns at its start); a larger epoch supersedes.
+        epoch: the agent's incarnation: its host's CLOCK_MONOTONIC ns at its start (0 < epoch <= sent_ns).
         seq: 1, 2, ... within an epoch; a report not newer than the last accepted one is dropped.
         sent_ns: sender's CLOCK_MONOTONIC ns at send.
         now_s: engine clock now (s), the clock of the report's per-request times.
@@ -73,7 +85,7 @@ class _Report(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, fro
         freq_mhz: SM clock in use as the engine sees it (MHz); 0 when unknown.
     """
 
-    instance: str
+    instance: Name
     epoch: int
     seq: int
     sent_ns: int
@@ -123,8 +135,8 @@ class ClockCommand(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
         controller_epoch: the daemon's incarnation (wall-clock ns at its start).
     """
 
-    instance: str
-    gpus: list[int]
+    instance: Name
+    gpus: Gpus
     freq_mhz: int
     seq: int
     origin_ns: int = 0
@@ -150,21 +162,25 @@ class GpuStatus(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, f
         energy_j: energy since the actuator started (J): the device's 64-bit counter, extended
             between its updates by integrated power samples.
         error: the last device error on this GPU, empty when none.
+        counter_j: the device's energy counter as read (J): monotonic while ``counter_id`` stays the same.
+        counter_id: identity of that counter (boot and device); a new identity starts a new count.
     """
 
-    index: int
+    index: Gpu
     locked_mhz: int
     sm_mhz: int
     reasons: int
     power_w: float
     energy_j: float
-    error: str = ""
+    error: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    counter_j: float = 0.0
+    counter_id: Annotated[str, msgspec.Meta(max_length=MAX_NAME)] = ""
 
 
 class InstanceClock(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
     """The last command applied for one instance: what was asked and what was locked after clamping."""
 
-    instance: str
+    instance: Name
     seq: int
     requested_mhz: int
     applied_mhz: int
@@ -174,8 +190,8 @@ class NodeStatus(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, 
     """Actuator -> daemon, every ``status_period_s``.
 
     Attributes:
-        node: the actuator's node name (also its routing id).
-        epoch: the actuator's incarnation (wall-clock ns at its start).
+        node: the actuator's node name; must be the node its key names.
+        epoch: the actuator's incarnation (its host's CLOCK_MONOTONIC ns at its start).
         sent_ns: CLOCK_MONOTONIC ns at send.
         gpus: one entry per managed GPU.
         instances: last applied command per instance.
@@ -184,18 +200,20 @@ class NodeStatus(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, 
         noop_skips: GPU writes skipped because the clock was already locked there.
         deadman_resets: times the dead-man switch reset the node's GPUs.
         dropped: messages the actuator dropped (malformed, other version, unknown GPU).
+        refused: commands refused by the node policy (unknown instance, other GPUs, clock out of bounds).
     """
 
-    node: str
+    node: Name
     epoch: int
     sent_ns: int
-    gpus: list[GpuStatus]
-    instances: list[InstanceClock] = []
+    gpus: Annotated[list[GpuStatus], msgspec.Meta(max_length=MAX_GPUS)]
+    instances: Annotated[list[InstanceClock], msgspec.Meta(max_length=MAX_INSTANCES)] = []
     commands: int = 0
     writes: int = 0
     noop_skips: int = 0
     deadman_resets: int = 0
     dropped: int = 0
+    refused: int = 0
 
 
 class PlanInstance(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):

@@ -58,6 +58,11 @@ class DaemonMetrics:
         self.safety = Counter("dualscale_safety_fallbacks",
                               "Times a measured iteration exceeded the corrected prediction: top clock for a while",
                               ["instance"], registry=r)
+        self.conflicts = Counter("dualscale_actuator_conflicts",
+                                 "Statuses refused: a second actuator connection claimed a node whose actuator reports",
+                                 ["node"], registry=r)
+        self.auth_denied = Gauge("dualscale_auth_denied", "Connections refused by CURVE authentication, per socket",
+                                 ["socket"], registry=r)
         for reason in REASONS:
             self.dropped.labels(reason)  # every reason is exported from the start, at 0
 

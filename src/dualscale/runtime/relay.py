@@ -23,6 +23,7 @@ import time
 
 import zmq
 
+from dualscale.runtime.keys import Security
 from dualscale.runtime.ring import RingConsumer
 from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLOUT, make_socket
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", required=True, help="the controller's report address")
     p.add_argument("--parent-pid", type=int, required=True, help="exit when this process is gone")
     p.add_argument("--status-fd", type=int, required=True, help="write 'ok' or the start-up error here, then close it")
+    p.add_argument("--keys-dir", default="", help="CURVE key directory ('' = plain ZeroMQ)")
+    p.add_argument("--key-name", default="", help="this engine's key name (engine-<instance>)")
     args = p.parse_args(argv)
     # Ctrl-C in a terminal reaches the whole process group: the engine decides when the relay stops
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -108,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         ring = RingConsumer(args.fd)
+        sec = Security("curve", args.keys_dir, args.key_name) if args.keys_dir else None
         ctx = zmq.Context(io_threads=1)
-        sock = make_socket(ctx, zmq.PUSH, args.address, bind=False, hwm=DEFAULT_HWM, immediate=True)
+        sock = make_socket(ctx, zmq.PUSH, args.address, bind=False, hwm=DEFAULT_HWM, immediate=True,
+                           secure=sec.client if sec is not None else None)
     except Exception as e:
         _status(args.status_fd, f"{type(e).__name__}: {e}")
         return 1

@@ -17,7 +17,7 @@ from dualscale.runtime.messages import BODY, PROTOCOL_VERSION, MsgType
 HEADER_BYTES = 2
 
 #: Why a frame was rejected: the ``reason`` of the ProtocolError, and the label of the drop counters.
-REASONS = ("malformed", "version", "type", "unknown_instance", "out_of_order", "invalid")
+REASONS = ("malformed", "version", "type", "unknown_instance", "out_of_order", "invalid", "identity", "conflict")
 
 
 class FrameEncoder:

@@ -56,6 +56,8 @@ log = logging.getLogger("dualscale.runtime.worker")
 RELAY_START_TIMEOUT_S = 30.0
 #: Seconds a closing relay gets to forward what is left before it is killed.
 RELAY_STOP_TIMEOUT_S = 2.0
+#: Seconds between checks (one ``waitpid``, from a report) that the relay process is alive.
+RELAY_CHECK_S = 0.25
 
 _SRC = str(Path(__file__).resolve().parents[2])
 _F8 = np.dtype("<f8")
@@ -78,8 +80,9 @@ class _Relay:
     ring).
     """
 
-    def __init__(self, address: str, capacity_bytes: int) -> None:
+    def __init__(self, address: str, capacity_bytes: int, keys_dir: str = "", key_name: str = "") -> None:
         self.address = address
+        self.keys_dir, self.key_name = keys_dir, key_name
         self.ring = RingProducer(create_ring_fd(capacity_bytes))
         try:
             self.proc = self._spawn()
@@ -102,7 +105,8 @@ class _Relay:
             try:
                 proc = subprocess.Popen(
                     [sys.executable, "-c", boot, "--fd", str(fd), "--address", self.address,
-                     "--parent-pid", str(os.getpid()), "--status-fd", str(status_w)],
+                     "--parent-pid", str(os.getpid()), "--status-fd", str(status_w),
+                     "--keys-dir", self.keys_dir, "--key-name", self.key_name],
                     pass_fds=(fd, status_w), stdin=subprocess.DEVNULL)
             finally:
                 os.close(status_w)
@@ -134,9 +138,9 @@ class _Relay:
         self.proc = self._spawn()
 
     def check_soon(self) -> None:
-        """Called when a report was refused (the ring is full): if the relay died, start another in
-        the background (the engine's thread does not wait for it)."""
-        self.next_check_s = time.monotonic() + 1.0
+        """Called by reports at most every ``RELAY_CHECK_S``: if the relay died, start another in the
+        background (the engine's thread does not wait for it; reports wait in the ring meanwhile)."""
+        self.next_check_s = time.monotonic() + RELAY_CHECK_S
         if self.proc.poll() is None or not self._respawning.acquire(blocking=False):
             return
         threading.Thread(target=self._respawn, name="dualscale-relay-respawn", daemon=True).start()
@@ -181,17 +185,20 @@ def _read_status(fd: int, proc: subprocess.Popen[bytes]) -> str:
     return line or f"the relay exited with code {proc.wait()} (see its standard error)"
 
 
-# One relay per (process, controller address); keyed by pid so a forked child never shares its parent's.
-_relays: dict[tuple[int, str], _Relay] = {}
+# One relay per (process, controller address, key); keyed by pid so a forked child never shares its parent's.
+_relays: dict[tuple[int, str, str, str], _Relay] = {}
 _relays_lock = threading.Lock()
 
 
-def _acquire(address: str) -> tuple[_Relay, int]:
+def _acquire(address: str, keys_dir: str = "", key_name: str = "") -> tuple[_Relay, int]:
     with _relays_lock:
-        key = (os.getpid(), address)
+        key = (os.getpid(), address, keys_dir, key_name)
         relay = _relays.get(key)
         if relay is None:
-            relay = _relays[key] = _Relay(address, DEFAULT_CAPACITY_BYTES)
+            if not keys_dir:
+                log.warning("worker agents: reports go to %s over plain ZeroMQ (no keys_dir): NOT authenticated, "
+                            "NOT encrypted", address)
+            relay = _relays[key] = _Relay(address, DEFAULT_CAPACITY_BYTES, keys_dir, key_name)
         else:
             relay.revive()
         if not relay.tags:
@@ -199,12 +206,13 @@ def _acquire(address: str) -> tuple[_Relay, int]:
         return relay, relay.tags.popleft()
 
 
-def _release(address: str, relay: _Relay, tag: int) -> None:
+def _release(relay: _Relay, tag: int) -> None:
     with _relays_lock:
         relay.tags.append(tag)  # reused last: its reports still in the ring are counted before that
         if relay.users == 0:
-            if _relays.get((os.getpid(), address)) is relay:
-                del _relays[(os.getpid(), address)]
+            key = (os.getpid(), relay.address, relay.keys_dir, relay.key_name)
+            if _relays.get(key) is relay:
+                del _relays[key]
             relay.stop()
 
 
@@ -242,6 +250,8 @@ class WorkerAgent:
         address: the daemon's ``report_address`` (e.g. ``tcp://10.0.0.1:5600``).
         instance: this instance's name in the runtime config.
         phase: ``"prefill"`` or ``"decode"``.
+        keys_dir: CURVE key directory holding ``engine-<instance>.key_secret`` and ``controller.key``
+            (the config's ``[security] keys_dir``); ``None`` = plain ZeroMQ (warned about once).
 
     Raises:
         ValueError: bad ``phase`` or ``instance``, or more than 1,024 agents open at once in one
@@ -258,7 +268,8 @@ class WorkerAgent:
         errors: reports that failed: bad input, or an unexpected error (logged once).
     """
 
-    def __init__(self, address: str, instance: str, phase: Literal["prefill", "decode"]) -> None:
+    def __init__(self, address: str, instance: str, phase: Literal["prefill", "decode"], *,
+                 keys_dir: str | Path | None = None) -> None:
         if phase not in ("prefill", "decode"):
             raise ValueError(f"phase = {phase!r}: must be 'prefill' or 'decode'")
         if not instance:
@@ -266,19 +277,21 @@ class WorkerAgent:
         self.instance = instance
         self.phase = phase
         self.address = address
-        self.epoch = time.time_ns()
+        self.epoch = time.monotonic_ns()  # monotonic: a stepped wall clock cannot reorder incarnations
         self.seq = 0
         self.errors = 0
         self._queued = 0  # written into the ring
         self._refused = 0  # not written: ring full, or closed
         self._warned = False
         self._enc = FrameEncoder(reserve=HEADER_BYTES)
-        self._relay, self._tag = _acquire(address)
+        # with keys, one relay per instance (its connection carries the instance's key); without, one per address
+        self._relay, self._tag = (_acquire(address, str(keys_dir), f"engine-{instance}") if keys_dir is not None
+                                  else _acquire(address))
         self._ring: RingProducer | None = self._relay.ring
         self._base = self._relay.ring.counters(self._tag)
         self._final: tuple[int, int] | None = None  # this agent's counts once closed (its tag may be reused)
         # an agent dropped without close() still gives its place back
-        self._finalizer = weakref.finalize(self, _release, address, self._relay, self._tag)
+        self._finalizer = weakref.finalize(self, _release, self._relay, self._tag)
         _agents.add(self)
 
     def _relay_counts(self) -> tuple[int, int]:
@@ -340,12 +353,15 @@ class WorkerAgent:
                       float(iteration_s), int(freq_mhz), _f64(times_s), _i64(tokens_a), _i64(tokens_b))
             record = self._enc.encode(mtype, msg)
             ring = self._ring
+            relay = self._relay
+            if ring is not None and time.monotonic() >= relay.next_check_s:
+                relay.check_soon()  # is the relay still there? (a dead one is replaced within a second)
             if ring is not None and ring.push(record, self._tag):
                 self._queued += 1
                 return True
             self._refused += 1
-            if ring is not None and time.monotonic() >= self._relay.next_check_s:
-                self._relay.check_soon()  # the ring is full: is the relay still there?
+            if ring is not None:
+                relay.check_soon()  # the ring is full: is the relay still there?
             return False
         except Exception as e:  # never raise into the engine
             if self._ring is None:  # closed by another thread meanwhile
