@@ -92,7 +92,9 @@ def test_ilp_matches_brute_force(profile, tab, rate, gpus, objective):
     for phase in ("prefill", "decode"):
         cap = sum(g.instances * g.goodput_per_s for g in plan.groups if g.phase == phase)
         routed = sum(g.instances * g.rate_per_s for g in plan.groups if g.phase == phase)
-        assert routed >= 1.05 * rate * (1 - 1e-6) and cap >= routed * (1 - 1e-6)
+        # HiGHS meets constraints within its feasibility tolerance (1e-6 absolute by default):
+        # hypothesis found a plan 6e-7 req/s short of 1.05 x rate
+        assert routed >= 1.05 * rate * (1 - 1e-6) - 1e-6 and cap >= routed * (1 - 1e-6) - 1e-6
     assert objective_value(plan, tab, profile, objective) == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
