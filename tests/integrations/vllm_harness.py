@@ -47,7 +47,10 @@ def model_config(folder: Path) -> ModelConfig:
 
 def make_scheduler(cls: type[Scheduler], mc: ModelConfig, *, async_scheduling: bool, num_blocks: int = 1000,
                    max_num_seqs: int = 64, max_batched_tokens: int = 512, kv_role: str | None = None,
-                   kv_path: Path | None = None, additional_config: dict | None = None) -> Scheduler:
+                   kv_path: Path | None = None, additional_config: dict | None = None,
+                   data_parallel: tuple[int, int] | None = None) -> Scheduler:
+    """A real vLLM scheduler of class ``cls``; ``kv_role`` adds vLLM's ExampleConnector (a KV connector
+    that works without a GPU) in that role; ``data_parallel`` = (size, rank) as the engine core sees it."""
     sc = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens, max_model_len=8192,
                          is_encoder_decoder=False, enable_chunked_prefill=True, async_scheduling=async_scheduling)
     cc = CacheConfig(block_size=BLOCK, cache_dtype="auto")
@@ -58,6 +61,8 @@ def make_scheduler(cls: type[Scheduler], mc: ModelConfig, *, async_scheduling: b
                                kv_connector_extra_config={"shared_storage_path": str(kv_path)})
     vc = VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc, kv_transfer_config=ktc,
                     additional_config=additional_config or {})
+    if data_parallel is not None:
+        vc.parallel_config.data_parallel_size, vc.parallel_config.data_parallel_rank = data_parallel
     kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
         KVCacheGroupSpec(["layer.0"], FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=1,
                                                         dtype=torch.float32))])
@@ -82,11 +87,13 @@ def fake_output(sched: Scheduler, out: Any, done_prompt: set[str]) -> ModelRunne
 @dataclass
 class EngineLoop:
     """Drives a scheduler as vLLM's engine core does; ``on_schedule`` sees the scheduler right after
-    each schedule() (the state a report is made from)."""
+    each schedule() (the state a report is made from), ``on_update`` right after each
+    update_from_output() with the wall-clock times around that call."""
 
     sched: Scheduler
     async_scheduling: bool
     on_schedule: Callable[[Scheduler, Any], None] = lambda s, o: None
+    on_update: Callable[[Scheduler, float, float], None] = lambda s, t0, t1: None
     in_flight: deque = field(default_factory=deque)
     steps: int = 0
 
@@ -100,7 +107,9 @@ class EngineLoop:
 
     def _update(self) -> None:
         out, done = self.in_flight.pop()
+        t0 = time.time()
         self.sched.update_from_output(out, fake_output(self.sched, out, done))
+        self.on_update(self.sched, t0, time.time())
 
     def step(self) -> None:
         if not self.async_scheduling:  # EngineCore.step
