@@ -23,6 +23,22 @@ def wait_until(cond, timeout_s: float = 20.0) -> bool:
     return True
 
 
+def connect(sched) -> int:
+    """Idle steps of a dualscale vLLM scheduler until its relay has delivered a report (the relay's
+    PUSH is connected, so later reports are not dropped for want of a peer); the seq reached."""
+    from vllm_harness import fake_output
+
+    agent = sched.dualscale.agent
+
+    def idle_step() -> bool:
+        out = sched.schedule()
+        sched.update_from_output(out, fake_output(sched, out, set()))
+        return agent.sent >= 1
+
+    assert wait_until(idle_step), "the report relay never reached the controller's socket"
+    return agent.seq
+
+
 class Pull:
     """A plain PULL socket standing in for the controller daemon: every report, decoded."""
 

@@ -15,10 +15,10 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import wait_until  # noqa: E402
+from conftest import connect, wait_until  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
-from vllm_harness import EngineLoop, fake_output, make_scheduler, model_config, request  # noqa: E402
+from vllm_harness import EngineLoop, make_scheduler, model_config, prefill_queue, request  # noqa: E402
 
 from dualscale.integrations.vllm import DualscaleAsyncScheduler, DualscaleScheduler  # noqa: E402
 from dualscale.runtime.messages import DecodeReport, MsgType, PrefillReport  # noqa: E402
@@ -42,37 +42,12 @@ def build(mc, tmp_path, mode, monkeypatch, *, controller, instance, role=None, p
     return sched, async_
 
 
-def connect(sched) -> int:
-    """Idle steps until the relay has delivered one report (the PUSH is connected); the seq reached."""
-    agent = sched.dualscale.agent
-
-    def idle_step() -> bool:
-        out = sched.schedule()
-        sched.update_from_output(out, fake_output(sched, out, set()))
-        return agent.sent >= 1
-
-    assert wait_until(idle_step), "the report relay never reached the test's PULL socket"
-    return agent.seq
-
-
 def f64(b):
     return np.frombuffer(b, "<f8")
 
 
 def i64(b):
     return np.frombuffer(b, "<i8")
-
-
-def expected_prefill(s, out) -> tuple[list, list, list]:
-    """The prefill queue as the scheduler holds it: requests with prompt left before this step."""
-    q = []
-    for r in s.running:
-        before = r.num_computed_tokens - out.num_scheduled_tokens.get(r.request_id, 0)
-        if before < r.num_prompt_tokens:
-            q.append((r.arrival_time, r.num_prompt_tokens, before))
-    q += [(r.arrival_time, r.num_prompt_tokens, r.num_computed_tokens) for r in [*s.kv_holding_waiting, *s.waiting]]
-    q.sort(key=lambda x: x[0])
-    return [x[0] for x in q], [x[1] for x in q], [x[2] for x in q]
 
 
 def received_by_seq(pull, agent) -> dict[int, object]:
@@ -95,7 +70,7 @@ def test_prefill_reports_match_the_scheduler_step_by_step(mc, tmp_path, monkeypa
 
     def on_schedule(s, out):
         t = time.time()
-        expected[ds.agent.seq] = (t, expected_prefill(s, out), s.kv_cache_manager.usage, ds.iteration_s)
+        expected[ds.agent.seq] = (t, prefill_queue(s, out), s.kv_cache_manager.usage, ds.iteration_s)
 
     loop = EngineLoop(sched, async_, on_schedule)
     t0 = time.time()

@@ -134,3 +134,17 @@ class EngineLoop:
                 return
             self.step()
         raise AssertionError(f"still busy after {max_steps} steps")
+
+
+def prefill_queue(s: Scheduler, out: Any) -> tuple[list[float], list[int], list[int]]:
+    """The prefill queue as the scheduler holds it right after schedule(): every request with prompt
+    left before this step (running chunks, then the waiting queues), in arrival order: (arrival time,
+    prompt tokens, tokens computed before this step)."""
+    q = []
+    for r in s.running:
+        before = r.num_computed_tokens - out.num_scheduled_tokens.get(r.request_id, 0)
+        if before < r.num_prompt_tokens:
+            q.append((r.arrival_time, r.num_prompt_tokens, before))
+    q += [(r.arrival_time, r.num_prompt_tokens, r.num_computed_tokens) for r in [*s.kv_holding_waiting, *s.waiting]]
+    q.sort(key=lambda x: x[0])
+    return [x[0] for x in q], [x[1] for x in q], [x[2] for x in q]
