@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections import deque
-from itertools import chain, repeat
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -62,21 +61,6 @@ log = logging.getLogger("dualscale.integrations.vllm")
 KV_ROLE_PHASE: dict[str | None, Phase] = {"kv_producer": "prefill", "kv_consumer": "decode"}
 
 _NAN = float("nan")
-_rid = attrgetter("request_id")
-_arrival = attrgetter("arrival_time")
-_prompt = attrgetter("num_prompt_tokens")
-_computed = attrgetter("num_computed_tokens")
-_out = attrgetter("num_output_tokens")
-
-
-def _f64(it: Any, n: int) -> np.ndarray:
-    return np.fromiter(it, dtype=np.float64, count=n)
-
-
-def _i64(it: Any, n: int) -> np.ndarray:
-    return np.fromiter(it, dtype=np.int64, count=n)
-
-
 class Reporting:
     """One scheduler's reporting state: its agent, the first-token times and the step timing.
 
@@ -96,6 +80,9 @@ class Reporting:
         self.awaiting: dict[str, Any] = {}  # decode: added requests without a first token yet
         self.iteration_s = 0.0
         self.failed: BaseException | None = None
+        self.first_changed = False  # a first token was recorded since the last decode report
+        self._batch: list[Any] = []  # the running requests of the last decode report, in order
+        self._first = np.empty(0)  # their first-token times
         self._scheduled_at: deque[float] = deque(maxlen=64)  # perf_counter at each schedule(), FIFO
         self._last_end = 0.0
 
@@ -183,39 +170,40 @@ class _ReportingMixin:
 
     # ---- reporting -----------------------------------------------------------------------------
     def _report_prefill(self, ds: Reporting, scheduled: dict[str, int]) -> None:
+        # list comprehensions into array.array: the cheapest way from N Python objects to a buffer
         running = self.running  # type: ignore[attr-defined]
-        n_run = len(running)
         # running requests still in prefill before this step: computed - this step's chunk < prompt
-        computed = _i64(map(_computed, running), n_run)
-        if n_run:
-            computed -= _i64(map(scheduled.get, map(_rid, running), repeat(0)), n_run)
-            prompt_run = _i64(map(_prompt, running), n_run)
-            keep = np.flatnonzero(computed < prompt_run)
-            chunks = [running[i] for i in keep.tolist()] if keep.size < n_run else list(running)
-            computed = computed[keep]
-        else:
-            chunks = []
-        waiting = list(chain(self.kv_holding_waiting, self.waiting))  # type: ignore[attr-defined]
+        chunks = [r for r in running if r.num_computed_tokens - scheduled.get(r.request_id, 0) < r.num_prompt_tokens]
+        waiting = [*self.kv_holding_waiting, *self.waiting]  # type: ignore[attr-defined]
         reqs = chunks + waiting
-        n = len(reqs)
-        arrival = _f64(map(_arrival, reqs), n)
-        prompt = _i64(map(_prompt, reqs), n)
-        prefilled = np.concatenate((computed, _i64(map(_computed, waiting), len(waiting))))
-        if n > 1 and np.any(arrival[1:] < arrival[:-1]):
+        arrival = np.frombuffer(array("d", [r.arrival_time for r in reqs]))
+        prompt = array("q", [r.num_prompt_tokens for r in reqs])
+        prefilled = array("q", [r.num_computed_tokens - scheduled.get(r.request_id, 0) for r in chunks])
+        prefilled.extend([r.num_computed_tokens for r in waiting])
+        if len(reqs) > 1 and (arrival[1:] < arrival[:-1]).any():  # after a preemption, or priority scheduling
             order = np.argsort(arrival, kind="stable")
-            arrival, prompt, prefilled = arrival[order], prompt[order], prefilled[order]
+            arrival, prompt, prefilled = arrival[order], np.frombuffer(prompt, np.int64)[order], \
+                np.frombuffer(prefilled, np.int64)[order]
         ds.agent.report_prefill(time.time(), arrival, prompt, prefilled, kv_util=self._kv_util(),
                                 iteration_s=ds.iteration_s)
 
     def _report_decode(self, ds: Reporting) -> None:
         running = self.running  # type: ignore[attr-defined]
-        n = len(running)
-        first = _f64(map(ds.first_token_s.get, map(_rid, running), repeat(_NAN)), n)
-        tokens_out = _i64(map(_out, running), n)
-        context = _i64(map(_computed, running), n)
-        started = ~np.isnan(first)
-        if not started.all():  # still waiting for their first token: not the decode controller's yet
-            first, tokens_out, context = first[started], tokens_out[started], context[started]
+        if ds.first_changed or running != ds._batch:  # same requests in the same order: reuse the times
+            get = ds.first_token_s.get
+            ds._batch = list(running)
+            ds._first = np.frombuffer(array("d", [get(r.request_id, _NAN) for r in running]))
+            ds.first_changed = False
+        first = ds._first
+        # the private list behind Request.num_output_tokens: a property call per request costs more
+        # than the rest of the report (vLLM's release is pinned and the tests read the property)
+        tokens_out = array("q", [len(r._output_token_ids) for r in running])
+        context = array("q", [r.num_computed_tokens for r in running])
+        started = first == first  # not NaN: has emitted its first token
+        if not started.all():  # the others still wait for their first token: not the decode controller's yet
+            first = first[started]
+            tokens_out = np.frombuffer(tokens_out, np.int64)[started]
+            context = np.frombuffer(context, np.int64)[started]
         ds.agent.report_decode(time.time(), first, tokens_out, context, kv_util=self._kv_util(),
                                iteration_s=ds.iteration_s)
 
@@ -237,6 +225,7 @@ class _ReportingMixin:
                 if awaiting[rid].num_output_tokens > 0:
                     first[rid] = now
                     del awaiting[rid]
+                    ds.first_changed = True
             for rid in scheduler_output.finished_req_ids:  # finished or aborted since the last schedule()
                 awaiting.pop(rid, None)
                 first.pop(rid, None)
