@@ -83,3 +83,12 @@ def test_pyproject_extra_pins_the_checked_range():
     extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
     for engine, (lo, hi) in SUPPORTED.items():
         assert extras[engine] == [f"{engine}>={lo},<{hi}"]
+
+
+def test_without_vllm_the_module_says_what_to_install():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ImportError, match=r"pip install 'dualscale\[vllm\]'"):
+        import dualscale.integrations.vllm  # noqa: F401

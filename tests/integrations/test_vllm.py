@@ -7,6 +7,8 @@ Skipped when vLLM is not installed (``pip install '.[vllm]'``; CI runs these aft
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -238,3 +240,13 @@ def test_bad_settings_are_logged_and_the_engine_goes_on(mc, caplog):
                                additional_config={"dualscale": {"controller": "tcp://h:1", "instanse": "p0"}})
     assert sched.dualscale is None and "instanse" in caplog.text
     assert len(run_trace(sched, False)) > 10
+
+
+def test_the_engine_side_loads_no_controller_code():
+    """The scheduler class runs in vLLM's engine process: it must not pull in the controllers (Numba
+    kernels, OSQP) or the simulator, only the worker agent."""
+    code = ("import sys, dualscale.integrations.vllm\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('dualscale.control', 'dualscale._kernels', "
+            "'dualscale.sim', 'dualscale.profile', 'dualscale.runtime.daemon'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"
