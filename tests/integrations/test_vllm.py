@@ -20,7 +20,7 @@ pytest.importorskip("vllm")
 from conftest import connect, wait_until  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
-from vllm_harness import EngineLoop, make_scheduler, model_config, prefill_queue, request  # noqa: E402
+from vllm_harness import TINY_LLAMA, EngineLoop, build_scheduler, make_scheduler, model_config, prefill_queue, request  # noqa: E402
 
 from dualscale.integrations.vllm import DualscaleAsyncScheduler, DualscaleScheduler  # noqa: E402
 from dualscale.runtime.messages import DecodeReport, MsgType, PrefillReport  # noqa: E402
@@ -250,3 +250,31 @@ def test_the_engine_side_loads_no_controller_code():
             "'dualscale.sim', 'dualscale.profile', 'dualscale.runtime.daemon'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_one_flag_through_vllms_own_command_line(tmp_path, pull):
+    """`--scheduler-cls` and `--additional-config` as `vllm serve` parses them: vLLM resolves the
+    class itself, and the scheduler it builds reports."""
+    import json
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    argv = ["--model", str(tmp_path), "--skip-tokenizer-init",
+            "--scheduler-cls", "dualscale.integrations.vllm.DualscaleAsyncScheduler",
+            "--kv-transfer-config", json.dumps({"kv_connector": "ExampleConnector", "kv_role": "kv_producer",
+                                                "kv_connector_extra_config": {"shared_storage_path": str(tmp_path)}}),
+            "--additional-config", json.dumps({"dualscale": {"controller": pull.address, "instance": "prefill-0"}})]
+    args = EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(argv)
+    vc = EngineArgs.from_cli_args(args).create_engine_config()
+    cls = vc.scheduler_config.get_scheduler_cls()
+    assert cls is DualscaleAsyncScheduler
+    sched = build_scheduler(cls, vc)
+    assert (sched.dualscale.instance, sched.dualscale.phase) == ("prefill-0", "prefill")
+    seq0 = connect(sched)
+    sched.add_request(request("x", 300, 1))
+    EngineLoop(sched, vc.scheduler_config.async_scheduling).run_until_idle()
+    got = received_by_seq(pull, sched.dualscale.agent)
+    assert [i64(got[s][1].prompt_tokens).tolist() for s in sorted(got) if s > seq0][0] == [300]
+    sched.shutdown()

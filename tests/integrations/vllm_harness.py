@@ -63,11 +63,18 @@ def make_scheduler(cls: type[Scheduler], mc: ModelConfig, *, async_scheduling: b
                     additional_config=additional_config or {})
     if data_parallel is not None:
         vc.parallel_config.data_parallel_size, vc.parallel_config.data_parallel_rank = data_parallel
+    return build_scheduler(cls, vc, num_blocks)
+
+
+def build_scheduler(cls: type[Scheduler], vc: VllmConfig, num_blocks: int = 1000) -> Scheduler:
+    """A scheduler of class ``cls`` for ``vc``, constructed as vLLM's EngineCore does, over a KV cache
+    of one full-attention group (what the GPU workers would have allocated)."""
+    vc.cache_config.num_gpu_blocks = num_blocks
     kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
-        KVCacheGroupSpec(["layer.0"], FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=1,
-                                                        dtype=torch.float32))])
+        KVCacheGroupSpec(["layer.0"], FullAttentionSpec(block_size=vc.cache_config.block_size, num_kv_heads=1,
+                                                        head_size=1, dtype=torch.float32))])
     return cls(vllm_config=vc, kv_cache_config=kv, structured_output_manager=StructuredOutputManager(vc),
-               block_size=BLOCK, log_stats=False)
+               block_size=vc.cache_config.block_size, log_stats=False)
 
 
 def request(rid: str, prompt_tokens: int, max_tokens: int, arrival_s: float | None = None) -> Request:
