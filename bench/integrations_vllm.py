@@ -43,25 +43,36 @@ SIZES = (16, 256, 1024)
 
 
 class Timed:
-    """Times the adapter's own work inside one dualscale scheduler (its two hooks)."""
+    """Times the adapter's own work inside one dualscale scheduler (its hooks), per step and per hook."""
+
+    HOOKS = ("_report_prefill", "_report_decode", "_after_step")
 
     def __init__(self, sched) -> None:
         self.samples: list[float] = []
-        self._acc = 0.0
-        for name in ("_report_prefill", "_report_decode", "_after_step"):
+        self.by_hook: dict[str, list[float]] = {h: [] for h in self.HOOKS}
+        self._acc = dict.fromkeys(self.HOOKS, 0.0)
+        for name in self.HOOKS:
             inner = getattr(sched, name)
 
-            def timed(*a, _inner=inner):
+            def timed(*a, _inner=inner, _name=name):
                 t = time.perf_counter()
                 try:
                     return _inner(*a)
                 finally:
-                    self._acc += time.perf_counter() - t
+                    self._acc[_name] += time.perf_counter() - t
             setattr(sched, name, timed)
 
     def close_step(self) -> None:
-        self.samples.append(self._acc)
-        self._acc = 0.0
+        self.samples.append(sum(self._acc.values()))
+        for h in self.HOOKS:
+            self.by_hook[h].append(self._acc[h])
+            self._acc[h] = 0.0
+
+    def clear(self) -> None:
+        self.samples.clear()
+        for h in self.HOOKS:
+            self.by_hook[h].clear()
+            self._acc[h] = 0.0
 
 
 class TimedLoop(EngineLoop):
@@ -125,8 +136,7 @@ def run(role: str, n: int, steps: int, mc, tmp: Path) -> dict:
         step_both()
     for loop in loops.values():
         loop.measure = True
-    timer.samples.clear()
-    timer._acc = 0.0
+    timer.clear()
     for _ in range(steps):
         step_both()
         timer.close_step()
@@ -144,6 +154,10 @@ def run(role: str, n: int, steps: int, mc, tmp: Path) -> dict:
     # in the same loop.step() call pair (the update may be of the previous batch)
     a = np.asarray(timer.samples) * us
     res["added_us"] = {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "n": int(a.size)}
+    for h, xs in timer.by_hook.items():
+        a = np.asarray(xs) * us
+        if a.any():
+            res[f"added{h}_us"] = {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
     res["added_vs_plain_schedule_p50"] = res["added_us"]["p50"] / res["plain_schedule_us"]["p50"]
     return res
 
@@ -169,6 +183,9 @@ def main() -> None:
                       f"{r['dualscale_update_us']['p50']:8.1f} us | added p50/p99 {r['added_us']['p50']:6.1f} / "
                       f"{r['added_us']['p99']:6.1f} us = {100 * r['added_vs_plain_schedule_p50']:.1f} % of plain "
                       "schedule() p50", flush=True)
+                print("          of which " + ", ".join(
+                    f"{k[5:-3]} {v['p50']:.1f} / {v['p99']:.1f} us" for k, v in r.items() if k.startswith("added_") and k.endswith("_us")
+                    and k != "added_us"), flush=True)
     meta = {"vllm": vllm.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "steps": args.steps, "date": time.strftime("%Y-%m-%d")}
     if args.json:
