@@ -10,7 +10,6 @@ import logging
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +87,6 @@ def test_prefill_reports_match_the_scheduler_step_by_step(mc, tmp_path, monkeypa
 
     got = received_by_seq(pull, ds.agent)
     assert sorted(expected) == sorted(s for s in got if s > seq0)
-    first = None
     for seq, (t, (arrival, prompt, prefilled), kv, iteration_s) in sorted(expected.items()):
         mtype, r = got[seq]
         assert mtype is MsgType.PREFILL_REPORT and isinstance(r, PrefillReport) and r.instance == "p0"
@@ -98,7 +96,6 @@ def test_prefill_reports_match_the_scheduler_step_by_step(mc, tmp_path, monkeypa
         assert r.kv_util == kv
         assert r.iteration_s == iteration_s
         assert t - 5 < r.now_s <= t and all(a <= r.now_s for a in arrival)
-        first = first or r
     # the first step by hand: all three queued in arrival order (a, c, b), nothing prefilled yet;
     # the second: a's first 512-token chunk done
     a, b, c = t0 - 1, t0 - 0.9, t0 - 0.95
@@ -118,7 +115,7 @@ def test_decode_reports_match_the_scheduler_step_by_step(mc, tmp_path, monkeypat
                           role="kv_consumer", max_batched_tokens=256)
     ds = sched.dualscale
     assert ds is not None and (ds.phase, ds.instance) == ("decode", "d0")
-    seq0 = connect(sched)
+    connect(sched)
     first_seen: dict[str, tuple[float, float]] = {}
     expected: dict[int, tuple] = {}
 
@@ -276,5 +273,5 @@ def test_one_flag_through_vllms_own_command_line(tmp_path, pull):
     sched.add_request(request("x", 300, 1))
     EngineLoop(sched, vc.scheduler_config.async_scheduling).run_until_idle()
     got = received_by_seq(pull, sched.dualscale.agent)
-    assert [i64(got[s][1].prompt_tokens).tolist() for s in sorted(got) if s > seq0][0] == [300]
+    assert next(i64(got[s][1].prompt_tokens).tolist() for s in sorted(got) if s > seq0) == [300]
     sched.shutdown()

@@ -96,7 +96,7 @@ def test_real_vllm_queue_to_clocks_on_the_simulated_node(tmp_path, monkeypatch, 
         pre.add_request(request("fresh", 200, 1))
         report, fresh_mhz = step_until_decided(loop, "p0")
         arrival, prompt, prefilled = queues[report.seq]
-        assert np.frombuffer(report.prompt_tokens, "<i8").tolist() == prompt == [200]
+        assert np.frombuffer(report.prompt_tokens, "<i8").tolist() == prompt == [200] and prefilled == [0]
         assert np.frombuffer(report.arrival_s, "<f8").tolist() == arrival
         assert fresh_mhz < top
         assert wait_until(lambda: locked([0, 1]) == [fresh_mhz] * 2), locked([0, 1])
