@@ -23,9 +23,14 @@ T = TypeVar("T")
 _PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
+def env_str(name: str) -> str | None:
+    """The one place environment variables are read: ``name``'s value, or None when unset/empty."""
+    return os.environ.get(name) or None
+
+
 def env_path(name: str) -> Path | None:
-    """The one place environment variables are read: ``name`` as a path, or None when unset/empty."""
-    value = os.environ.get(name, "")
+    """Environment variable ``name`` as a path, or None when unset/empty."""
+    value = env_str(name)
     return Path(value).expanduser() if value else None
 
 
@@ -54,6 +59,12 @@ def decode_toml(data: bytes, type_: type[T], source: str) -> T:
         raw = msgspec.toml.decode(data)
     except msgspec.DecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from e
+    return convert(raw, type_, source)
+
+
+def convert(raw: Any, type_: type[T], source: str) -> T:
+    """Convert plain data (decoded TOML, a dict from an engine's config) into ``type_``; any problem
+    becomes one ConfigError naming ``source``, the field, the value and what is allowed."""
     try:
         return msgspec.convert(raw, type_)
     except msgspec.ValidationError as e:

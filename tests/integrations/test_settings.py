@@ -1,0 +1,94 @@
+"""Engine-hook settings and the version check: no engine needed."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dualscale.errors import ConfigError
+from dualscale.integrations.settings import (
+    ENV,
+    SUPPORTED,
+    HookSettings,
+    check_version,
+    load_settings,
+    parse_version,
+    resolve_phase,
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for var in ENV.values():
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_nothing_configured_means_inert():
+    s = load_settings(None, "cfg")
+    assert s == HookSettings() and not s.enabled
+
+
+def test_environment_fills_what_the_engine_config_leaves_unset(monkeypatch):
+    monkeypatch.setenv("DUALSCALE_CONTROLLER", "tcp://10.0.0.1:5600")
+    monkeypatch.setenv("DUALSCALE_INSTANCE", "from-env")
+    monkeypatch.setenv("DUALSCALE_PHASE", "decode")
+    assert load_settings(None, "cfg") == HookSettings(controller="tcp://10.0.0.1:5600", instance="from-env",
+                                                      phase="decode")
+    s = load_settings({"instance": "from-cfg", "phase": "prefill"}, "cfg")
+    assert (s.controller, s.instance, s.phase) == ("tcp://10.0.0.1:5600", "from-cfg", "prefill")
+
+
+@pytest.mark.parametrize(("raw", "env", "words"), [
+    ({"phase": "both"}, {}, ["cfg", "phase", "'both'"]),
+    ({"controler": "x"}, {}, ["cfg", "controler"]),
+    ({}, {"DUALSCALE_PHASE": "middle"}, ["DUALSCALE_PHASE", "phase", "'middle'"]),
+    ({"controller": "tcp://h:1"}, {}, ["instance", "DUALSCALE_INSTANCE"]),
+    ({}, {"DUALSCALE_INSTANCE": "p0"}, ["controller", "DUALSCALE_CONTROLLER"]),
+])
+def test_bad_settings_name_field_value_and_source(monkeypatch, raw, env, words):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as e:
+        load_settings(raw, "cfg")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_phase_override_then_engine_role():
+    assert resolve_phase("decode", "prefill", "kv_producer") == "decode"
+    assert resolve_phase("auto", "prefill", "kv_producer") == "prefill"
+    with pytest.raises(ConfigError, match="kv_both.*DUALSCALE_PHASE"):
+        resolve_phase("auto", None, "kv_both")
+
+
+def test_version_check_names_the_supported_range():
+    lo, hi = SUPPORTED["vllm"]
+    check_version("vllm", lo)
+    check_version("vllm", lo + ".9rc1+cu130")
+    for bad in (hi, hi + ".1", "0.1.0", "99.0"):
+        with pytest.raises(ConfigError) as e:
+            check_version("vllm", bad)
+        assert f"vllm>={lo},<{hi}" in str(e.value) and bad in str(e.value) and "dualscale[vllm]" in str(e.value)
+    assert parse_version("0.33.1.dev4+gabc") == (0, 33, 1)
+    with pytest.raises(ConfigError):
+        parse_version("dev")
+
+
+def test_pyproject_extra_pins_the_checked_range():
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("no pyproject.toml beside the tests (installed package)")
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    for engine, (lo, hi) in SUPPORTED.items():
+        assert extras[engine] == [f"{engine}>={lo},<{hi}"]
+
+
+def test_without_vllm_the_module_says_what_to_install():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ImportError, match=r"pip install 'dualscale\[vllm\]'"):
+        import dualscale.integrations.vllm  # noqa: F401
