@@ -22,8 +22,9 @@ from vllm_harness import EngineLoop, make_scheduler, model_config, prefill_queue
 from dualscale.device.sim import SimBackend  # noqa: E402
 from dualscale.integrations.vllm import DualscaleAsyncScheduler  # noqa: E402
 from dualscale.runtime.actuator import Actuator  # noqa: E402
-from dualscale.runtime.config import RuntimeConfig  # noqa: E402
+from dualscale.runtime.config import NodePolicy, RuntimeConfig  # noqa: E402
 from dualscale.runtime.daemon import ControllerDaemon  # noqa: E402
+from dualscale.runtime.keys import Security, role_names, write_keypair  # noqa: E402
 
 BUDGET = 512  # vLLM's --max-num-batched-tokens, and the prefill instance's max_batch_tokens
 
@@ -46,7 +47,12 @@ class RecordingDaemon(ControllerDaemon):
 
 
 def runtime_config(tmp_path) -> RuntimeConfig:
+    """The default, authenticated setup: CURVE keys for the controller, the node's actuator and both engines."""
+    keys = tmp_path / "keys"
+    for name in role_names(["node0"], ["p0", "d0"]):
+        write_keypair(keys, name)
     return msgspec.convert({
+        "security": {"mechanism": "curve", "keys_dir": str(keys)},
         "instances": [{"name": "p0", "phase": "prefill", "tp": 2, "gpus": [0, 1], "max_batch_tokens": BUDGET},
                       {"name": "d0", "phase": "decode", "tp": 2, "gpus": [2, 3]}],
         "controller": {"report_address": f"ipc://{tmp_path}/reports", "actuator_address": f"ipc://{tmp_path}/act",
@@ -60,7 +66,8 @@ def test_real_vllm_queue_to_clocks_on_the_simulated_node(tmp_path, monkeypatch, 
     config = runtime_config(tmp_path)
     daemon = RecordingDaemon(config, profile=profile)
     backend = SimBackend(profile, gpus=4, switch_delay_s=0.0)
-    actuator = Actuator(backend, config.actuator)
+    actuator = Actuator(backend, config.actuator, NodePolicy.of_node(config, "node0"),
+                        Security(config.security.mechanism, config.security.keys_dir, "actuator-node0"))
     ready = threading.Event()
     threads = [threading.Thread(target=daemon.run, kwargs={"ready": ready.set}), threading.Thread(target=actuator.run)]
     threads[0].start()
@@ -73,6 +80,7 @@ def test_real_vllm_queue_to_clocks_on_the_simulated_node(tmp_path, monkeypatch, 
 
     mc = model_config(tmp_path / "tiny-llama")
     monkeypatch.setenv("DUALSCALE_CONTROLLER", config.controller.report_address)
+    monkeypatch.setenv("DUALSCALE_KEYS_DIR", config.security.keys_dir)
     try:
         # ---- prefill instance: vLLM as a P/D producer ----------------------------------------------
         monkeypatch.setenv("DUALSCALE_INSTANCE", "p0")

@@ -27,7 +27,8 @@ from dualscale.errors import ConfigError
 #: pyproject.toml pin the same ranges.
 SUPPORTED = {"vllm": ("0.33", "0.34")}
 
-ENV = {"controller": "DUALSCALE_CONTROLLER", "instance": "DUALSCALE_INSTANCE", "phase": "DUALSCALE_PHASE"}
+ENV = {"controller": "DUALSCALE_CONTROLLER", "instance": "DUALSCALE_INSTANCE", "phase": "DUALSCALE_PHASE",
+       "keys_dir": "DUALSCALE_KEYS_DIR"}
 
 Phase = Literal["prefill", "decode"]
 
@@ -41,6 +42,9 @@ class HookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     instance: str = ""
     #: "auto" = from the engine's prefill/decode role
     phase: Literal["auto", "prefill", "decode"] = "auto"
+    #: folder with this engine's CURVE key pair (``engine-<instance>``, from ``dualscale keys``) and
+    #: the controller's public key; "" = plain ZeroMQ (only for a controller that allows it)
+    keys_dir: str = ""
 
     @property
     def enabled(self) -> bool:

@@ -88,7 +88,7 @@ def _after_init(result: Any, sched: Any, *args: Any, **kwargs: Any) -> None:
             instance = f"{instance}-dp{sched.dp_rank or 0}"
         from dualscale.runtime.worker import WorkerAgent
 
-        sched._dualscale = Reporting(WorkerAgent(settings.controller, instance, phase), instance, phase)
+        sched._dualscale = Reporting(WorkerAgent(settings.controller, instance, phase, keys_dir=settings.keys_dir or None), instance, phase)
         log.info("dualscale: reporting %s iterations as %r to %s", phase, instance, settings.controller)
     except Exception as e:  # never raise into the engine
         log.error("dualscale: reporting is off: %s: %s", type(e).__name__, e)

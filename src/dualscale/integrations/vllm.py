@@ -111,7 +111,7 @@ def _make_reporting(sched: Scheduler) -> Reporting | None:
                         "--scheduler-cls dualscale.integrations.vllm.DualscaleAsyncScheduler", type(sched).__name__)
         from dualscale.runtime.worker import WorkerAgent
 
-        agent = WorkerAgent(settings.controller, instance, phase)
+        agent = WorkerAgent(settings.controller, instance, phase, keys_dir=settings.keys_dir or None)
     except Exception as e:  # never raise into the engine
         log.error("dualscale: reporting is off: %s: %s", type(e).__name__, e)
         return None
