@@ -57,6 +57,21 @@ def total(samples: dict[str, float], name: str, **labels: str) -> float:
     return sum(v for k, v in samples.items() if k.split("{")[0] == name and all(w in k for w in want))
 
 
+def launcher(tmp_path: Path) -> tuple[list[subprocess.Popen], Callable[..., subprocess.Popen]]:
+    """(the processes started so far, ``start(name, *args)``): runs ``python *args`` in ``tmp_path``
+    with its output in ``tmp_path/name.log``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        with open(tmp_path / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+            p = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        procs.append(p)
+        return p
+
+    return procs, start
+
+
 def test_end_to_end_decisions_clocks_energy_deadman_garbage_restart(tmp_path: Path):
     state = tmp_path / "node.state"
     keys = make_keys(tmp_path / "keys", instances=[n for n, _, _ in INSTANCES])
@@ -71,14 +86,7 @@ def test_end_to_end_decisions_clocks_energy_deadman_garbage_restart(tmp_path: Pa
     }
     path = tmp_path / "runtime.toml"
     path.write_bytes(tomli_w.dumps(cfg).encode())
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        with open(tmp_path / f"{name}.log", "w") as log:  # the child keeps its own descriptor
-            p = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-        procs.append(p)
-        return p
+    procs, start = launcher(tmp_path)
 
     def serve(port: int) -> subprocess.Popen:
         return start(f"serve-{port}", "-m", "dualscale.cli", "serve", "--config", str(path), "--metrics-port",
@@ -275,14 +283,7 @@ def test_the_daemon_learns_a_biased_truth(tmp_path: Path):
     }
     path = tmp_path / "runtime.toml"
     path.write_bytes(tomli_w.dumps(cfg).encode())
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        with open(tmp_path / f"{name}.log", "w") as log:
-            p = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-        procs.append(p)
-        return p
+    procs, start = launcher(tmp_path)
 
     try:
         actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim")
