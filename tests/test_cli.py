@@ -75,3 +75,20 @@ def test_evaluate_quick_and_plan(tmp_path, monkeypatch, capsys):
     assert {g["phase"] for g in plan["groups"]} == {"prefill", "decode"}
     assert main(["plan", "--trace", "azure-conv", "--gpus", "2", "--window", "40", "--workers", "1", "--rate", "50"]) == 1
     assert "cannot serve 50.00 req/s" in capsys.readouterr().err
+
+
+def test_simulate_truth_options_reach_the_scenario(capsys):
+    from dualscale.cli import _parser, _with_truth
+    from dualscale.sim.scenario import load_scenario
+
+    args = _parser().parse_args(["simulate", "--latency-bias", "0.2", "--latency-noise", "0.05", "--power-cap-w", "500",
+                                 "--clock-shape-error", "-0.1", "--switch-jitter", "0.3", "--no-correction"])
+    sc = _with_truth(load_scenario("default"), args)
+    t = sc.truth
+    assert (t.latency_bias_prefill, t.latency_bias_decode, t.latency_noise) == (0.2, 0.2, 0.05)
+    assert (t.power_cap_w, t.clock_shape_error, t.switch_jitter) == (500.0, -0.1, 0.3)
+    assert t.power_bias_prefill == 0.0 and not sc.control.online_correction
+    assert _with_truth(load_scenario("default"), _parser().parse_args(["simulate"])) == load_scenario("default")
+    assert main(["simulate", "--latency-bias", "-2", "--duration", "30", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "truth.latency_bias_prefill" in err and "-2.0" in err

@@ -331,8 +331,10 @@ def _with_truth(scenario: Scenario, args: argparse.Namespace) -> Scenario:
     raw["truth"] |= t
     if args.no_correction:
         raw["control"]["online_correction"] = False
-    # through msgspec so command-line values get the same checks as the file's
-    return msgspec.convert(raw, type(scenario))
+    # the same checks as the file's, and an error that names the field and the value
+    from dualscale.config import convert
+
+    return convert(raw, type(scenario), "command line (ground-truth options)")
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
