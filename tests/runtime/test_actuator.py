@@ -231,3 +231,24 @@ def test_energy_meter_survives_a_counter_reset_and_large_values():
     assert m.sample(big + 100.0, 0.0, 1.0) == pytest.approx(100.0)
     assert m.sample(10.0, 0.0, 2.0) == pytest.approx(100.0)  # counter went back (driver reload)
     assert m.sample(30.0, 0.0, 3.0) == pytest.approx(120.0)
+
+
+def test_observe_mode_reads_and_reports_but_never_writes_a_clock(backend, config):
+    """Shadow mode: no reset at start, commands recorded as what would have been applied, no lock, no
+    reset at exit or by the dead-man; status (clocks, power, energy) as usual."""
+    import msgspec
+
+    backend.set_locked_sm_clock_mhz(1, 900)  # someone else's lock: shadow mode leaves it alone
+    backend.calls.clear()
+    a = Actuator(backend, msgspec.structs.replace(config.actuator, observe=True), policy(config))
+    a.start()
+    a.handle(cmd("d0", [2, 3], 1380))
+    a._apply()
+    st = a.status()
+    assert [i.applied_mhz for i in st.instances] == [0] and st.instances[0].requested_mhz == 1380
+    assert len(st.gpus) == 4 and st.gpus[1].locked_mhz == 0  # the actuator itself locked nothing
+    a.release_all()  # what the dead-man calls
+    a.close()
+    assert backend.calls == []  # not one clock write or reset
+    assert [backend.state.locked_mhz(g) for g in range(4)] == [0, 900, 0, 0]
+    assert a.exit_code == 0

@@ -182,10 +182,14 @@ def test_over_real_sockets_commands_heartbeats_plan_and_garbage(tmp_path, profil
     assert daemon.state is DaemonState.STOPPED
 
 
-def _decode_at(seq, freq_mhz, iteration_s, ctx=(1200, 700)):
+def _decode_at(seq, freq_mhz, iteration_s, ctx=(1200, 700), fresh=False):
+    """Decode report ``seq`` of one agent; ``fresh``: requests that just emitted their first token
+    (time to spare: a low clock), else requests behind their TPOT pace (top clock)."""
+    now = 10.0 + seq
+    first, out = (f64(now - 0.01, now - 0.01), i64(1, 1)) if fresh else (f64(9.0, 9.8), i64(12 + seq, 4 + seq))
     return bytes(ENC.encode(MsgType.DECODE_REPORT, DecodeReport(
-        "d0", 5, seq, 111, 10.0 + seq, 0.1, iteration_s, freq_mhz, first_token_s=f64(9.0, 9.8),
-        tokens_out=i64(12 + seq, 4 + seq), context_tokens=i64(*ctx))))
+        "d0", 5, seq, 111, now, 0.1, iteration_s, freq_mhz, first_token_s=first, tokens_out=out,
+        context_tokens=i64(*ctx))))
 
 
 def test_the_next_report_feeds_back_the_iteration_decided_on(daemon):
@@ -219,3 +223,24 @@ def test_no_feedback_when_the_clock_changed_or_a_report_was_skipped(daemon):
     daemon.handle_report(_decode_at(5, 1500, 0.05), 4)  # follows 4, same clock: learnt
     daemon._decide()
     assert ctl.correction.observations == 1
+
+
+def test_shadow_accounting_predicted_energy_and_would_be_misses(daemon):
+    """With the GPUs at the top clock (shadow mode), the daemon still decides and counts the predicted
+    energy at its clock and at the top one, and whether the measured error would have broken the
+    decided clock's deadline."""
+    m = daemon.metrics
+    ctl = daemon.slots["d0"].ctl
+    model_top = float(daemon.profile.decode_time_s(2, [1200, 700], 1980))
+    daemon.handle_report(_decode_at(1, 1980, 0.0, fresh=True), 1)
+    daemon._decide()
+    decided, top = (m.shadow_energy.labels("d0", p)._value.get() for p in ("decided", "top"))
+    assert 0 < decided < top  # a lower clock than the top one was decided, and it costs less
+    daemon.handle_report(_decode_at(2, 1980, model_top, fresh=True), 2)  # the prediction was right
+    daemon._decide()
+    assert ctl.correction.observations == 1 and m.predicted_misses.labels("d0")._value.get() == 0
+    d = daemon.slots["d0"].decided
+    slow = (d.budget_s / d.time_s) * 1.5  # the decided clock would have overrun its budget by half
+    daemon.handle_report(_decode_at(3, 1980, slow * model_top, fresh=True), 3)
+    daemon._decide()
+    assert m.predicted_misses.labels("d0")._value.get() == 1

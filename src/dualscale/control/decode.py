@@ -41,6 +41,7 @@ class DecodeDecision(msgspec.Struct, frozen=True, gc=False):
         energy_j: predicted energy of the step, all GPUs of the instance (J).
         feasible: some clock's step time fits the budget.
         budget_s: the step-time budget (s); may be negative when a request is already late.
+        top_energy_j: the step's predicted energy at the top clock (J, all GPUs).
     """
 
     freq_mhz: int
@@ -48,6 +49,7 @@ class DecodeDecision(msgspec.Struct, frozen=True, gc=False):
     energy_j: float
     feasible: bool
     budget_s: float
+    top_energy_j: float = 0.0
 
 
 class DecodeController(Learner):
@@ -157,6 +159,8 @@ class DecodeController(Learner):
             energy_j=self.tp * float(self._out[pm.O_POWER_W, j]) * t * self.correction.power_factor,
             feasible=bool(feasible),
             budget_s=float(budget),
+            top_energy_j=self.tp * float(self._out[pm.O_POWER_W, -1] * self._out[pm.O_TIME_S, -1])
+            * self.correction.power_factor,
         )
 
     def _last_model(self, freq_mhz: float, factor: float, with_power: bool) -> tuple[float, float]:

@@ -54,6 +54,11 @@ class PrefillDecision(msgspec.Struct, frozen=True, gc=False):
         feasible: every projected deadline is met as given (no request needed relaxing to the
             all-top-clock completion time).
         batch_tokens: prompt tokens of each projected batch.
+        batch_energy_j: predicted energy of the batch about to run at ``freq_mhz`` (J, all GPUs).
+        top_energy_j: the same batch's predicted energy at the top clock (J): what the plan saves
+            on this iteration is ``top_energy_j - batch_energy_j``.
+        budget_s: time the batch about to run may take so that every request completing in it
+            meets its deadline (s; relaxed to the top clock's time when even that is late).
     """
 
     freq_mhz: int
@@ -62,6 +67,9 @@ class PrefillDecision(msgspec.Struct, frozen=True, gc=False):
     energy_j: float
     feasible: bool
     batch_tokens: tuple[int, ...]
+    batch_energy_j: float = 0.0
+    top_energy_j: float = 0.0
+    budget_s: float = float("inf")
 
 
 class PrefillController(Learner):
@@ -245,6 +253,9 @@ class PrefillController(Learner):
             energy_j=float(energy) * self.correction.power_factor,
             feasible=relaxed == 0,
             batch_tokens=tuple(self._batch_tokens[:n].tolist()),
+            batch_energy_j=float(self._tables[mpc.TB_ENERGY_J, 0, plan[0]]) * self.correction.power_factor,
+            top_energy_j=float(self._tables[mpc.TB_ENERGY_J, 0, top]) * self.correction.power_factor,
+            budget_s=float(self._budget_s[0]),
         )
 
     def _charge_switch(self, now_s: float) -> None:

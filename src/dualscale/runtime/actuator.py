@@ -226,7 +226,11 @@ class Actuator:
             DeviceError: a GPU still refused its reset after the retries (every other GPU is reset),
                 or its clocks cannot be read.
         """
-        failed = self._reset(self.gpus, raise_permission=True)
+        if self.settings.observe:  # shadow mode: the clocks are left as they are, no privilege needed
+            failed: set[int] = set()
+            log.warning("actuator %s: OBSERVE mode: clocks are read and reported, never locked or reset", self.node)
+        else:
+            failed = self._reset(self.gpus, raise_permission=True)
         if failed:
             raise DeviceError(f"actuator {self.node}: GPUs {sorted(failed)} could not be reset at start "
                               f"({'; '.join(self.errors[g] for g in sorted(failed))})")
@@ -386,6 +390,11 @@ class Actuator:
 
     def _apply(self) -> None:
         if not self.pending:
+            return
+        if self.settings.observe:  # shadow mode: what would have been applied is reported, nothing is written
+            for cmd in self.pending.values():
+                self.applied[cmd.instance] = InstanceClock(cmd.instance, cmd.seq, cmd.freq_mhz, 0)
+            self.pending.clear()
             return
         writes: list[tuple[int, int]] = []
         for cmd in self.pending.values():

@@ -45,7 +45,8 @@ def add_parsers(sub: Any) -> None:
             "examples:\n"
             "  systemctl start dualscale-actuator   # the deployment path: see the README's Deployment section\n"
             "  /opt/dualscale/bin/dualscale actuator --config /etc/dualscale/runtime.toml --backend nvml --node gpu-node-3\n"
-            "  dualscale actuator --config example --backend sim --state-file node0.state"
+            "  dualscale actuator --config example --backend sim --state-file node0.state\n"
+            "  dualscale actuator --config deploy.toml --backend nvml --observe   # shadow mode, first"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -60,6 +61,9 @@ def add_parsers(sub: Any) -> None:
     act.add_argument("--sim-gpus", type=int, help="sim backend: GPUs of the simulated node")
     act.add_argument("--state-file", help="sim backend: share the simulated node through this file")
     act.add_argument("--policy", help="node policy file (instances, GPUs, clock bounds; default: the config's)")
+    act.add_argument("--observe", action="store_true",
+                     help="shadow mode: read and report clocks, power and energy, never lock or reset a clock "
+                          "(no privilege needed); the controller exports what it would have done")
     act.add_argument("--log-level", choices=LOG_LEVELS, default="info")
 
     keys = sub.add_parser(
@@ -160,7 +164,7 @@ def cmd_actuator(args: argparse.Namespace) -> int:
     over = {k: v for k, v in (("backend", args.backend), ("node", args.node), ("controller_address", args.controller),
                               ("deadman_s", args.deadman_s), ("status_period_s", args.status_period_s),
                               ("gpus", args.gpus), ("nvml_library", args.nvml_library),
-                              ("policy_file", args.policy)) if v is not None}
+                              ("policy_file", args.policy), ("observe", args.observe or None)) if v is not None}
     sim_over = {k: v for k, v in (("gpus", args.sim_gpus), ("state_file", args.state_file)) if v is not None}
     sim = msgspec.convert(msgspec.structs.asdict(a.sim) | sim_over, SimSettings)
     # round-trip through msgspec so command-line values get the same checks as the file's

@@ -68,6 +68,9 @@ class ActuatorSettings(_Frozen):
     deadman_s: Positive = 2.0
     #: read back clocks, throttle reasons, power and energy and report them this often (s)
     status_period_s: Positive = 0.5
+    #: shadow mode: read and report clocks, power and energy, never lock or reset a clock (the
+    #: controller decides as usual and exports what it would have done); needs no privilege
+    observe: bool = False
     #: GPUs this actuator manages (NVML indices); empty = all
     gpus: list[GpuIndex] = []
     #: NVML library to load instead of the system's libnvidia-ml.so.1 ("" = the system's); the file and

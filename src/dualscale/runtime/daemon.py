@@ -43,7 +43,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -117,14 +117,25 @@ def i64(buf: bytes) -> np.ndarray:
     return np.frombuffer(buf, dtype="<i8")
 
 
-def _decide_prefill(ctl: PrefillController, r: PrefillReport) -> tuple[int, bool]:
+class _Decided(NamedTuple):
+    """What the daemon keeps of a decision: the clock, and the shadow accounting of the iteration."""
+
+    freq_mhz: int
+    feasible: bool
+    time_s: float  # predicted time of the iteration about to run at freq_mhz
+    budget_s: float  # the time it may take without a deadline missed
+    energy_j: float  # its predicted energy at freq_mhz
+    top_energy_j: float  # and at the top clock
+
+
+def _decide_prefill(ctl: PrefillController, r: PrefillReport) -> _Decided:
     d = ctl.decide(r.now_s, f64(r.arrival_s), i64(r.prompt_tokens), i64(r.prefilled_tokens), r.kv_util)
-    return d.freq_mhz, d.feasible
+    return _Decided(d.freq_mhz, d.feasible, d.batch_time_s, d.budget_s, d.batch_energy_j, d.top_energy_j)
 
 
-def _decide_decode(ctl: DecodeController, r: DecodeReport) -> tuple[int, bool]:
+def _decide_decode(ctl: DecodeController, r: DecodeReport) -> _Decided:
     d = ctl.decide(r.now_s, f64(r.first_token_s), i64(r.tokens_out), i64(r.context_tokens), r.kv_util)
-    return d.freq_mhz, d.feasible
+    return _Decided(d.freq_mhz, d.feasible, d.step_time_s, d.budget_s, d.energy_j, d.top_energy_j)
 
 
 class _Slot:
@@ -133,7 +144,8 @@ class _Slot:
     __slots__ = ("spec", "phase", "node_id", "gpus", "ctl", "decide", "epoch", "last_seq", "pending",
                  "recv_ns", "seq", "decided_epoch", "decided_seq", "decided_freq_mhz", "m_decisions", "m_latency",
                  "m_clock", "m_infeasible", "m_correction", "m_error_model", "m_error_corrected", "m_feedback",
-                 "m_safety", "user", "heard_s", "last_cmd")
+                 "m_safety", "user", "heard_s", "last_cmd", "decided", "m_shadow_plan", "m_shadow_top",
+                 "m_predicted_misses", "m_energy")
 
     def __init__(self, spec: InstanceSpec, ctl: Any, decide: Callable[[Any, Any], tuple[int, bool]],
                  metrics: DaemonMetrics) -> None:
@@ -165,6 +177,11 @@ class _Slot:
         self.m_error_corrected = metrics.prediction_error.labels(spec.name, "corrected")
         self.m_feedback = metrics.feedback.labels(spec.name)
         self.m_safety = metrics.safety.labels(spec.name)
+        self.decided: Any = None  # the last decision (_Decided), for the shadow accounting
+        self.m_shadow_plan = metrics.shadow_energy.labels(spec.name, "decided")
+        self.m_shadow_top = metrics.shadow_energy.labels(spec.name, "top")
+        self.m_predicted_misses = metrics.predicted_misses.labels(spec.name)
+        self.m_energy = metrics.instance_energy.labels(spec.name)
 
 
 class ControllerDaemon:
@@ -196,6 +213,7 @@ class ControllerDaemon:
         self.conflicts: dict[str, int] = dict.fromkeys(self.nodes, 0)
         self._warn = RateLimitedLog(log)
         self.gpu_phase = {(s.spec.node, g): s.spec.phase for s in self.slots.values() for g in s.gpus}
+        self.gpu_slot = {(s.spec.node, g): s for s in self.slots.values() for g in s.gpus}
         self.plan = PlanUpdate(self.epoch, 1, [
             PlanInstance(s.name, Phase.PREFILL if s.phase == "prefill" else Phase.DECODE, s.tp, s.node, list(s.gpus),
                          s.base_freq_mhz or int(self.profile.clocks_mhz[-1]), s.weight) for s in config.instances])
@@ -416,6 +434,7 @@ class ControllerDaemon:
             if delta > 0:
                 self.energy_j[phase] += delta
                 m.energy.labels(phase).inc(delta)
+                self.gpu_slot[key].m_energy.inc(delta)
             self._gpu_power[key] = g.power_w
         for phase in ("prefill", "decode"):
             m.power.labels(phase).set(sum(p for k, p in self._gpu_power.items() if self.gpu_phase.get(k) == phase))
@@ -433,6 +452,11 @@ class ControllerDaemon:
         ctl.observe(r.iteration_s, freq, self._instance_power_w(slot))
         if cor.observations != seen:
             slot.m_feedback.inc()
+            d = slot.decided
+            # the measured error applied to the decided clock's prediction: would that iteration
+            # have overrun its deadline budget? (in shadow mode the GPUs ran another clock)
+            if d is not None and (1.0 + cor.last_error) * d.time_s > d.budget_s + 1e-9:
+                slot.m_predicted_misses.inc()
             slot.m_correction.set(cor.time_factor)
             slot.m_error_model.set(cor.last_model_error)
             slot.m_error_corrected.set(cor.last_error)
@@ -534,15 +558,20 @@ class ControllerDaemon:
             self._feedback(slot, r)
             slot.decided_epoch, slot.decided_seq, slot.decided_freq_mhz = r.epoch, r.seq, r.freq_mhz
             try:
-                freq_mhz, feasible = slot.decide(slot.ctl, r)
+                d = slot.decide(slot.ctl, r)
             except ValueError as e:  # bad array lengths or contents: the controller names the field
                 self._drop("invalid", f"{r.instance}: {e}")
                 slot.decided_seq = -1  # no decision on r: the next report's measurement matches none
+                slot.decided = None
                 continue
+            slot.decided = d
+            if d.energy_j > 0:
+                slot.m_shadow_plan.inc(d.energy_j)
+                slot.m_shadow_top.inc(d.top_energy_j)
             slot.seq += 1
-            slot.last_cmd = ClockCommand(r.instance, slot.gpus, freq_mhz, slot.seq, r.sent_ns, self.epoch)
+            slot.last_cmd = ClockCommand(r.instance, slot.gpus, d.freq_mhz, slot.seq, r.sent_ns, self.epoch)
             self._outbox.append((slot, slot.last_cmd))
-            if not feasible:
+            if not d.feasible:
                 slot.m_infeasible.inc()
 
     def _actuate(self) -> None:

@@ -178,7 +178,8 @@ class GpuStatus(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, f
 
 
 class InstanceClock(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
-    """The last command applied for one instance: what was asked and what was locked after clamping."""
+    """The last command applied for one instance: what was asked and what was locked after clamping
+    (0 in shadow mode, ``actuator --observe``, which locks nothing)."""
 
     instance: Name
     seq: int

@@ -63,6 +63,19 @@ class DaemonMetrics:
                                  ["node"], registry=r)
         self.auth_denied = Gauge("dualscale_auth_denied", "Connections refused by CURVE authentication, per socket",
                                  ["socket"], registry=r)
+        # shadow accounting (meaningful above all with `actuator --observe`, when clocks are not applied)
+        self.shadow_energy = Counter(
+            "dualscale_predicted_energy_joules",
+            "Predicted energy of each iteration decided on: at the decided clock (plan=decided) and at the "
+            "top clock (plan=top)", ["instance", "plan"], registry=r)
+        self.instance_energy = Counter("dualscale_instance_energy_joules",
+                                       "Energy measured on each instance's GPUs (actuator counters)", ["instance"],
+                                       registry=r)
+        self.predicted_misses = Counter(
+            "dualscale_predicted_misses",
+            "Iterations whose measured/predicted time ratio, applied to the decided clock's predicted time, "
+            "exceeds its deadline budget: how often the plan would have missed (shadow mode) or did",
+            ["instance"], registry=r)
         for reason in REASONS:
             self.dropped.labels(reason)  # every reason is exported from the start, at 0
 
