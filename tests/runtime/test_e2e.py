@@ -313,3 +313,53 @@ def test_the_daemon_learns_a_biased_truth(tmp_path: Path):
             if p.poll() is None:
                 p.kill()
             p.wait(30)
+
+
+def test_shadow_mode_decides_and_accounts_but_never_locks(tmp_path: Path):
+    """`actuator --observe`: the emulated engines run at the GPUs' own (top) clock; the daemon decides,
+    learns and exports what it would have saved; no GPU is ever locked."""
+    state = tmp_path / "node.state"
+    port = free_port()
+    keys = make_keys(tmp_path / "keys", instances=["p0", "d0"])
+    cfg = {
+        "format": 1,
+        "security": {"mechanism": "curve", "keys_dir": str(keys)},
+        "instances": [{"name": "p0", "phase": "prefill", "tp": 2, "gpus": [0, 1]},
+                      {"name": "d0", "phase": "decode", "tp": 2, "gpus": [2, 3]}],
+        "controller": {"report_address": f"ipc://{tmp_path}/r", "actuator_address": f"ipc://{tmp_path}/a",
+                       "heartbeat_s": 0.1, "metrics_port": port},
+        "actuator": {"controller_address": f"ipc://{tmp_path}/a", "deadman_s": 2.0, "status_period_s": 0.1,
+                     "sim": {"gpus": 4, "switch_delay_s": 0.02, "state_file": str(state)}},
+    }
+    path = tmp_path / "runtime.toml"
+    path.write_bytes(tomli_w.dumps(cfg).encode())
+    procs, start = launcher(tmp_path)
+    try:
+        actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim",
+                         "--observe")
+        wait_for("the actuator's simulated node", state.exists, procs=[actuator])
+        start("serve", "-m", "dualscale.cli", "serve", "--config", str(path), "--metrics-port", str(port))
+        start("worker", "-m", "dualscale.runtime.emulate", "--config", str(path), "--prefill", "p0", "--decode", "d0",
+              "--state-file", str(state), "--rate", "3", "--duration", "600")
+        node = SimNodeState.attach(state)
+
+        def accounted() -> bool:
+            m = scrape(port)
+            return all(total(m, "dualscale_feedback_iterations_total", instance=i) >= 5
+                       and total(m, "dualscale_instance_energy_joules_total", instance=i) > 0 for i in ("p0", "d0"))
+
+        wait_for("decisions, feedback and measured energy for both instances", accounted, timeout_s=120, procs=procs)
+        m = scrape(port)
+        for inst in ("p0", "d0"):
+            decided = total(m, "dualscale_predicted_energy_joules_total", instance=inst, plan="decided")
+            top = total(m, "dualscale_predicted_energy_joules_total", instance=inst, plan="top")
+            assert 0 < decided <= top
+            if inst == "d0":
+                assert decided < top  # fresh decode batches leave slack: it would have saved
+        assert not any(node.snapshot()["locked_mhz"])  # never locked, whatever was decided
+        node.close()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(30)
