@@ -1,4 +1,4 @@
-"""Decode clock choice: step-time budget from TPOT slack, then the least-energy clock that fits.
+"""Decode clock choice: step-time budget from TPOT slack, then the least-power (or least-energy) clock that fits.
 
 ``first_token_s`` (B,) float64, ``tokens_out`` (B,) int64 (>= 1, the first token included) and
 ``context_tokens`` (B,) int64 describe the running batch. ``params`` (N_PARAMS,) float64 holds the
