@@ -77,6 +77,9 @@ KNOT_SPACING_MHZ = 90.0
 SHAPE_WEIGHT = 0.1
 #: Windows whose iterations the fitted model puts at or above this share of the cap are left out.
 CAP_SHARE = 0.97
+#: Iterations per (phase, TP) the time fit uses at most (an even subsample of a longer recording:
+#: the fit's cost grows with rows, its accuracy barely past a few thousand).
+MAX_ROWS = 4000
 #: Soft-L1 scale of the time fit's relative residuals (measurement noise of a few %).
 F_SCALE = 0.05
 
@@ -222,6 +225,8 @@ def _groups(tel: Telemetry, attn: float) -> dict[tuple[str, int], _Group]:
         shapes[key].add(_shape_key(it))
     out = {}
     for key, r in sorted(rows.items()):
+        if len(r) > MAX_ROWS:
+            r = [r[i] for i in np.linspace(0, len(r) - 1, MAX_ROWS).astype(np.int64)]
         out[key] = _Group(key[0], key[1], np.array([x[0] for x in r]), np.array([x[1] for x in r]),
                           np.array([x[2] for x in r]), np.array([x[3] for x in r]), len(shapes[key]))
     return out
@@ -457,8 +462,14 @@ def fit_telemetry(tel: Telemetry, base: ProfileConfig, name: str | None = None) 
                                                per_context_token_s=_rounded(per_ctx),
                                                per_token_s=_rounded(float(v[3])), source=src))
             else:
-                lat[phase].append(msgspec.structs.replace(
-                    c, source=f"base profile {base.name} (no telemetry at TP{c.tp}): " + c.source))
+                # the base's coefficients hold at its reference clock: move them to this fit's
+                bt = interp_curves(cr, np.array([knots[ref]]), phase, c.tp)[:, 0]  # type: ignore[arg-type]
+                ms, cs = float(bt[pm.T_MEM_SLOWDOWN]), float(bt[pm.T_COMP_SLOWDOWN])
+                lat[phase].append(Coefficients(
+                    tp=c.tp, base_s=_rounded(c.base_s * ms), per_request_s=_rounded(c.per_request_s * ms),
+                    per_context_token_s=_rounded(c.per_context_token_s * ms), per_token_s=_rounded(c.per_token_s * cs),
+                    source=f"base profile {base.name} (no telemetry at TP{c.tp}), moved to the {knots[ref]:g} MHz "
+                           "reference with the base's slowdowns: " + c.source))
                 notes.append(f"{phase} TP{c.tp}: no telemetry, base profile's coefficients kept")
     for phase, tp in groups:
         if tp not in [c.tp for c in base.latency.prefill]:
