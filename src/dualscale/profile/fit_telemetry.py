@@ -75,6 +75,9 @@ KNOT_SPACING_MHZ = 90.0
 #: Weight of the penalty keeping each curve's knot-to-knot steps at the base's (per unit log-step
 #: for slowdowns, per 100 W for power); a data row's residual is its relative error, weight 1.
 SHAPE_WEIGHT = 0.1
+#: A window whose clock varied is modelled only if idle for at most this share of it (the clock
+#: of an idle gap is taken to be the last iteration's: no engine reports while idle).
+MAX_GAP_SHARE = 0.1
 #: Windows whose iterations the fitted model puts at or above this share of the cap are left out.
 CAP_SHARE = 0.97
 #: Iterations per (phase, TP) the time fit uses at most (an even subsample of a longer recording:
@@ -209,7 +212,9 @@ def check_inputs(tel: Telemetry) -> None:
                         "comes from the actuator's status (per-GPU power and energy): run the actuator with "
                         "status reports reaching the controller, and hold each clock >= 1 s "
                         "(`serve --record-window-s`; a sweep holds every clock long enough)")
-    wclocks = sorted({w.freq_mhz for w in tel.windows})
+    wclocks = sorted({w.freq_mhz for w in tel.windows if w.freq_mhz > 0})
+    if any(w.freq_mhz == 0 for w in tel.windows):  # windows over DVFS: each iteration at its clock
+        wclocks = sorted(set(wclocks) | set(clocks))
     if len(wclocks) < MIN_WINDOW_CLOCKS:
         raise DataError(f"power windows at {len(wclocks)} clock(s) {wclocks} MHz: need at least "
                         f"{MIN_WINDOW_CLOCKS}; sweep more clocks or record longer")
@@ -316,52 +321,83 @@ def window_iterations(tel: Telemetry) -> list[tuple[PowerWindow, list[tuple[Iter
     return out
 
 
-def _busy(prof: Profile, tel: Telemetry, w: PowerWindow, ov: list[tuple[Iteration, float]]) -> tuple[
-        float, float, float, float]:
-    """(memory busy share, compute busy share, model mean power W, peak model iteration power W) of a
-    window under ``prof``."""
+@dataclass
+class _WindowModel:
+    """One window under a profile: its mean power per GPU is ``idle @ idle_w + mem @ mem_w + comp @ comp_w``
+    over the knots' curve values (linear in them), ``model_w`` under the profile itself."""
+
+    idle: NDArray[np.float64]
+    mem: NDArray[np.float64]
+    comp: NDArray[np.float64]
+    model_w: float
+    peak_w: float
+
+
+def _window_model(prof: Profile, tel: Telemetry, w: PowerWindow, ov: list[tuple[Iteration, float]],
+                  knots: NDArray[np.float64]) -> _WindowModel | None:
+    """``w`` under ``prof`` (None when it cannot be modelled: a varied clock and long idle gaps)."""
     h = tel.headers[w.instance]
     phase = h.phase
     coef = prof.coefficients(phase, h.tp)  # type: ignore[arg-type]
-    table = prof.clock_table(phase, h.tp, float(w.freq_mhz))[:, 0]  # type: ignore[arg-type]
     cap = prof.config.gpu.power_cap_w
+    attn = prof.config.model.attention_token_equiv
     T = w.t1_s - w.t0_s
-    um = uc = energy = peak = 0.0
-    busy = 0.0
+    busy = sum(o for _, o in ov)
+    if w.freq_mhz > 0:
+        gap_mhz = w.freq_mhz
+    elif ov and T - busy <= MAX_GAP_SHARE * T:
+        gap_mhz = max(ov, key=lambda x: x[0].t0_s)[0].freq_mhz  # an idle GPU keeps its last clock
+    else:
+        return None
+    K = len(knots)
+    idle, mem, comp = np.zeros(K), np.zeros(K), np.zeros(K)
+    tables: dict[int, NDArray[np.float64]] = {}
+
+    def table(f: int) -> NDArray[np.float64]:
+        if f not in tables:
+            tables[f] = prof.clock_table(phase, h.tp, float(f))[:, 0]  # type: ignore[arg-type]
+        return tables[f]
+
+    energy = peak = 0.0
     for it, o in ov:
-        xm, xc = work_features(it, prof.config.model.attention_token_equiv)
-        a = (coef[0] * xm[0] + coef[1] * xm[1] + coef[2] * xm[2]) * table[0]
-        c = coef[3] * xc * table[1]
+        tb = table(it.freq_mhz)
+        xm, xc = work_features(it, attn)
+        a = (coef[0] * xm[0] + coef[1] * xm[1] + coef[2] * xm[2]) * tb[pm.T_MEM_SLOWDOWN]
+        c = coef[3] * xc * tb[pm.T_COMP_SLOWDOWN]
         t = float(np.hypot(a, c))
         fa, fc = a / t, c / t
-        p = table[2] + fa * table[3] + fc * table[4]
+        p = tb[pm.T_IDLE_W] + fa * tb[pm.T_MEM_POWER_W] + fc * tb[pm.T_COMP_POWER_W]
         peak = max(peak, p)
-        um += o * fa
-        uc += o * fc
-        energy += o * min(cap, max(table[2], p))
-        busy += o
-    return um / T, uc / T, (energy + (T - busy) * table[2]) / T, peak
+        energy += o * min(cap, max(tb[pm.T_IDLE_W], p))
+        wt = interp_weights(knots, np.array([float(it.freq_mhz)]), inverse=False)[0] * (o / T)
+        idle += wt
+        mem += fa * wt
+        comp += fc * wt
+    gap = max(0.0, T - busy)
+    idle += interp_weights(knots, np.array([float(gap_mhz)]), inverse=False)[0] * (gap / T)
+    energy += gap * table(gap_mhz)[pm.T_IDLE_W]
+    return _WindowModel(idle, mem, comp, energy / T, peak)
 
 
 def _fit_power(tel: Telemetry, prof: Profile, base: ProfileConfig, knots: NDArray[np.float64],
-               tps: list[int]) -> tuple[NDArray[np.float64], dict[int, dict[str, NDArray[np.float64]]], int, int]:
-    """Idle curve and per-TP busy power curves; (idle, curves, windows used, windows dropped)."""
+               tps: list[int]) -> tuple[NDArray[np.float64], dict[int, dict[str, NDArray[np.float64]]], NDArray[np.float64], int]:
+    """Idle curve and per-TP busy power curves; (idle, curves, window weight per knot, windows dropped)."""
     cap = base.gpu.power_cap_w
-    rows = [(w, *_busy(prof, tel, w, ov)) for w, ov in window_iterations(tel)]
+    models = [(w, _window_model(prof, tel, w, ov, knots)) for w, ov in window_iterations(tel)]
+    rows = [(w, m) for w, m in models if m is not None]
     bad = len(tel.windows) - len(rows)
-    used = [(w, fm, fc, peak) for w, fm, fc, _, peak in rows if peak < CAP_SHARE * cap]
+    used = [(w, m) for w, m in rows if m.peak_w < CAP_SHARE * cap]
     K = len(knots)
     # unknowns: idle (K), then per TP: prefill mem, comp, decode mem (K each); decode comp = prefill comp
     n = K + 3 * K * len(tps)
     A, y = [], []
-    for w, fm, fc, _ in used:
+    for w, m in used:
         h = tel.headers[w.instance]
-        wt = interp_weights(knots, np.array([float(w.freq_mhz)]), inverse=False)[0]
         row = np.zeros(n)
-        row[:K] = wt
+        row[:K] = m.idle
         o = K + 3 * K * tps.index(h.tp)
-        row[o + (0 if h.phase == "prefill" else 2 * K) : o + (K if h.phase == "prefill" else 3 * K)] = fm * wt
-        row[o + K : o + 2 * K] = fc * wt
+        row[o + (0 if h.phase == "prefill" else 2 * K) : o + (K if h.phase == "prefill" else 3 * K)] = m.mem
+        row[o + K : o + 2 * K] = m.comp
         p = w.mean_power_w
         A.append(row / p)
         y.append(1.0)
@@ -389,7 +425,8 @@ def _fit_power(tel: Telemetry, prof: Profile, base: ProfileConfig, knots: NDArra
         pm_, pc_, dm_ = (np.maximum(sol[o + i * K : o + (i + 1) * K], 0.0) for i in range(3))
         curves[tp] = {"prefill_mem_power_w": pm_, "prefill_comp_power_w": pc_, "decode_mem_power_w": dm_,
                       "decode_comp_power_w": pc_}
-    return idle, curves, len(used), bad + len(rows) - len(used)
+    mass = sum((m.idle for _, m in used), np.zeros(K))
+    return idle, curves, mass, bad + len(rows) - len(used)
 
 
 def _base_on_knots(base: ProfileConfig, knots: NDArray[np.float64], reference_mhz: float,
@@ -482,8 +519,8 @@ def fit_telemetry(tel: Telemetry, base: ProfileConfig, name: str | None = None) 
     if not tps_fit:
         raise DataError(f"telemetry covers TP {tps_seen}, none of the base profile's TP degrees "
                         f"{[c.tp for c in base.latency.prefill]}: choose a base profile with them (--base)")
-    idle, power, used, dropped = _fit_power(tel, Profile(draft), base, knots, tps_fit)
-    wmass = interp_weights(knots, np.array([float(w.freq_mhz) for w in tel.windows]), inverse=False).sum(0)
+    idle, power, wmass, dropped = _fit_power(tel, Profile(draft), base, knots, tps_fit)
+    used = len(tel.windows) - dropped
     pfit = [float(k) for k, m in zip(knots, wmass) if m >= 1.0]
     notes.append(f"power: {used} windows used, {dropped} left out (timing inconsistent or at the cap); knots fitted: "
                  f"{pfit} MHz, others follow the base's shape")
@@ -556,8 +593,10 @@ def score(prof: Profile, tel: Telemetry, fitted_on: Telemetry | None = None) -> 
         errs[(h.phase, "time")].append(abs(float(t) / it.time_s - 1.0))
     for w, ov in window_iterations(tel):
         h = tel.headers[w.instance]
-        if h.tp not in tps or w.freq_mhz in wclocks:
+        if h.tp not in tps or (fitted_on and w.freq_mhz in wclocks):
             continue
-        errs[(h.phase, "power")].append(abs(_busy(prof, tel, w, ov)[2] / w.mean_power_w - 1.0))
+        m = _window_model(prof, tel, w, ov, np.asarray(prof.config.clock_response.knots_mhz))
+        if m is not None:
+            errs[(h.phase, "power")].append(abs(m.model_w / w.mean_power_w - 1.0))
     return [Score(ph, q, len(e), 100 * float(np.mean(e)), 100 * float(np.median(e)), 100 * float(np.max(e)))
             for (ph, q), e in sorted(errs.items())]

@@ -28,12 +28,14 @@ Records (``version`` = :data:`VERSION`; units in every field name)::
         One decode step: each running request's context (tokens in its KV cache).
     {"kind": "power", "instance": "decode-0", "t0_s": 3.0, "t1_s": 4.0, "freq_mhz": 1200,
      "energy_j": [401.2, 398.7, 402.0, 399.9], "power_w": [401.2, 398.7, 402.0, 399.9]}
-        One power window: the instance's GPUs held ``freq_mhz`` (locked and read back) from
-        ``t0_s`` to ``t1_s``; energy per GPU from the actuator's energy counters and mean power
-        per GPU (energy / duration). NVML power is a ~100 ms average and its energy counter
-        updates about every 100 ms, so power is fitted from such windows (>= 1 s by default),
-        never per iteration; the fit attributes each window's energy to the iterations that ran
-        in it (by ``t0_s`` and ``time_s``) and the idle time between them.
+        One power window of an instance from ``t0_s`` to ``t1_s``: energy per GPU from the
+        actuator's energy counters and mean power per GPU (energy / duration). ``freq_mhz``: the
+        clock the GPUs held throughout (locked and read back), or 0 when DVFS changed it inside
+        the window (then every iteration in it was recorded, each with its own clock). NVML
+        power is a ~100 ms average and its energy counter updates about every 100 ms, so power
+        is fitted from such windows (>= 0.5 s), never per iteration: the fit attributes each
+        window's energy to the iterations that ran in it (by ``t0_s`` and ``time_s``, each at its
+        clock) and the idle time between them.
 
 A reader rejects the first bad line, naming file, line, field and value. A final line without a
 newline (the writer was killed mid-write) is skipped and counted (:attr:`Telemetry.truncated`).
@@ -96,7 +98,7 @@ class PowerWindow(msgspec.Struct, tag="power", tag_field="kind", frozen=True, fo
     instance: str
     t0_s: float
     t1_s: float
-    freq_mhz: Annotated[int, msgspec.Meta(gt=0)]
+    freq_mhz: Mhz  # 0 = the clock changed inside the window
     energy_j: list[Annotated[float, msgspec.Meta(ge=0)]]
     power_w: list[Annotated[float, msgspec.Meta(ge=0)]]
 

@@ -10,11 +10,12 @@ The daemon calls three hooks and nothing else:
   batch's contexts). It starts when that report arrived.
 * :meth:`TelemetryRecorder.decided` after each decision: resolves which iterations are known.
 * :meth:`TelemetryRecorder.status` for every actuator status: power windows. A window of an
-  instance runs from one status to a later one while every GPU of the instance stays locked and
-  read back at one clock and every iteration that ended in it was recorded at that clock (an
-  iteration of unknown clock, or a superseded report, voids the windows it overlaps). It closes at
-  ``window_s`` and is written once the iteration running at its end is resolved, with each GPU's
-  energy from the actuator's counters.
+  instance runs from one status to a later one (``window_s``) while every iteration that ran in it
+  was recorded (an iteration of unknown clock, or a superseded report, voids the windows it
+  overlaps), with each GPU's energy from the actuator's counters. It is written once the iteration
+  running at its end is resolved, with ``freq_mhz`` the clock if every status and iteration in it
+  saw the same locked and read-back clock, else 0 (DVFS changed it: the fit then takes each
+  iteration at its own clock, which energy allows, being additive).
 
 All times are the daemon's monotonic clock, in seconds since the recorder started.
 """
@@ -43,6 +44,7 @@ class _Window:
     freq_mhz: int
     epoch: int
     void: bool = False
+    mixed: bool = False
 
 
 @dataclass
@@ -98,8 +100,7 @@ class TelemetryRecorder:
             return
         st.recorded_seq = r.seq
         if st.open is not None and st.open.freq_mhz != freq_mhz:  # ran at another clock inside the window
-            st.open.void = True
-            st.pending = [p for p in st.pending if p[1] <= st.decided_ns]
+            st.open.mixed = True
         t0 = self._s(st.decided_ns)
         if st.former is not None:
             prompt = np.frombuffer(d.prompt_tokens, dtype="<i8")
@@ -146,17 +147,18 @@ class TelemetryRecorder:
             fixed = f > 0 and all(g.sm_mhz == f and g.locked_mhz == f for g in gs)  # type: ignore[union-attr]
             energy = [g.energy_j for g in gs]  # type: ignore[union-attr]
             w = st.open
-            if w is not None and fixed and not w.void and w.freq_mhz == f and w.epoch == status.epoch:
+            if w is not None and not w.void and w.epoch == status.epoch:
+                w.mixed |= not fixed or w.freq_mhz != f
                 if now - w.t0_ns >= self.window_ns:
                     st.pending.append((w, now, energy))
-                    st.open = _Window(now, energy, f, status.epoch)
+                    st.open = _Window(now, energy, f, status.epoch, mixed=not fixed)
                 continue
-            st.open = _Window(now, energy, f, status.epoch) if fixed else None
+            st.open = _Window(now, energy, f, status.epoch, mixed=not fixed)
 
     def _emit(self, st: _State, w: _Window, t1_ns: int, energy_j: list[float]) -> None:
         dt = (t1_ns - w.t0_ns) * 1e-9
         e = [max(0.0, b - a) for a, b in zip(w.energy_j, energy_j)]
-        self.writer.write(PowerWindow(st.spec.name, self._s(w.t0_ns), self._s(t1_ns), w.freq_mhz, e,
+        self.writer.write(PowerWindow(st.spec.name, self._s(w.t0_ns), self._s(t1_ns), 0 if w.mixed else w.freq_mhz, e,
                                       [x / dt for x in e]))
         self.windows += 1
 
