@@ -42,12 +42,16 @@ def record_sweep(path: Path, truth: Profile, clocks: list[int], duration_s: floa
     return T.read(path)
 
 
-def held_out_mape(truth: Profile, fitted: Profile, tel: T.Telemetry, seed: int = 11, n: int = 400) -> dict[str, float]:
+def held_out_mape(truth: Profile, fitted: Profile, tel: T.Telemetry, seed: int = 11, n: int = 400,
+                  dense: float = 0.0) -> dict[str, float]:
     """MAPE % of time and power per phase, fitted vs truth, on random batch shapes within the range the
-    telemetry covered (none of them recorded) at clocks it never ran at (inside its clock range)."""
+    telemetry covered (none of them recorded) at clocks it never ran at, inside its clock range
+    (``dense`` > 0: between that quantile and its complement of the recorded iterations' clocks)."""
     rng = np.random.default_rng(seed)
-    seen = {it.freq_mhz for it in tel.iterations}
-    clocks = [f for f in truth.clocks_mhz.tolist() if min(seen) < f < max(seen) and f not in seen]
+    ran = np.array([it.freq_mhz for it in tel.iterations if it.end_mhz == 0])
+    lo, hi = np.quantile(ran, [dense, 1.0 - dense]) if dense else (ran.min(), ran.max())
+    seen = set(ran.tolist())
+    clocks = [f for f in truth.clocks_mhz.tolist() if lo < f < hi and f not in seen]
     dec = [it for it in tel.iterations if isinstance(it, T.DecodeIteration)]
     pre = [it for it in tel.iterations if isinstance(it, T.PrefillIteration)]
     n_max = max(len(it.context_tokens) for it in dec)

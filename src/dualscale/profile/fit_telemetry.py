@@ -64,20 +64,23 @@ MIN_CLOCKS = 3
 #: Distinct batch shapes each (phase, TP) needs (four coefficients, with room to spare).
 MIN_SHAPES = 8
 #: Iterations (interpolation-weighted) next to a knot for it to count as fitted.
-MIN_KNOT_ROWS = 10.0
+MIN_KNOT_ROWS = 5.0
 #: Power windows with work each (phase, TP) needs, and distinct window clocks overall.
 MIN_WINDOWS = 6
 MIN_WINDOW_CLOCKS = 2
 #: A clock locked for this many iterations without ever being read back is a failure (throttling).
 MIN_LOCKED = 20
 #: Fitted knots are at least this far apart (MHz); a sweep's grid is usually coarser.
-KNOT_SPACING_MHZ = 90.0
+KNOT_SPACING_MHZ = 60.0
 #: Weight of the penalty keeping each curve's knot-to-knot steps at the base's (per unit log-step
 #: for slowdowns, per 100 W for power); a data row's residual is its relative error, weight 1.
 SHAPE_WEIGHT = 0.1
 #: A window whose clock varied is modelled only if idle for at most this share of it (the clock
 #: of an idle gap is taken to be the last iteration's: no engine reports while idle).
 MAX_GAP_SHARE = 0.1
+#: A window is modelled only if iterations during which the clock switched (taken half at each
+#: clock: when the switch landed is not measured) fill at most this share of it.
+MAX_SWITCH_SHARE = 0.3
 #: Windows whose iterations the fitted model puts at or above this share of the cap are left out.
 CAP_SHARE = 0.97
 #: Iterations per (phase, TP) the time fit uses at most (an even subsample of a longer recording:
@@ -106,6 +109,11 @@ class _Group:
     freq: NDArray[np.float64]
     time_s: NDArray[np.float64]
     shapes: int
+
+
+def steady(tel: Telemetry) -> list[Iteration]:
+    """The iterations that ran at one clock throughout (the ones time is fitted and scored on)."""
+    return [it for it in tel.iterations if it.end_mhz == 0]
 
 
 def work_features(it: Iteration, attn: float) -> tuple[tuple[float, float, float], float]:
@@ -150,7 +158,7 @@ def choose_knots(tel: Telemetry, base: ProfileConfig) -> NDArray[np.float64]:
     :data:`MIN_KNOT_ROWS` iterations, thinned to :data:`KNOT_SPACING_MHZ` apart, so a sweep's grid
     becomes the knots), the base profile's reference clock, and the base's knots outside the range
     the telemetry covers (where its curves are followed)."""
-    counts = Counter(it.freq_mhz for it in tel.iterations)
+    counts = Counter(it.freq_mhz for it in steady(tel))
     seen = sorted(f for f, n in counts.items() if n >= MIN_KNOT_ROWS) or sorted(counts)
     kept: list[float] = []
     for f in seen:
@@ -172,7 +180,7 @@ def choose_knots(tel: Telemetry, base: ProfileConfig) -> NDArray[np.float64]:
 
 def check_inputs(tel: Telemetry) -> None:
     """Raise :class:`DataError`, naming what to collect, when ``tel`` cannot pin a profile."""
-    its = tel.iterations
+    its = steady(tel)
     if not its:
         raise DataError("telemetry has no iterations: record with `dualscale serve --record FILE` under load, "
                         "or run `dualscale profile sweep`")
@@ -223,7 +231,7 @@ def check_inputs(tel: Telemetry) -> None:
 def _groups(tel: Telemetry, attn: float) -> dict[tuple[str, int], _Group]:
     rows: dict[tuple[str, int], list[tuple[tuple[float, float, float], float, float, float]]] = defaultdict(list)
     shapes: dict[tuple[str, int], set[tuple[int, ...]]] = defaultdict(set)
-    for it in tel.iterations:
+    for it in steady(tel):
         key = (phase_of(it), tel.headers[it.instance].tp)
         xm, xc = work_features(it, attn)
         rows[key].append((xm, xc, float(it.freq_mhz), it.time_s))
@@ -343,10 +351,13 @@ def _window_model(prof: Profile, tel: Telemetry, w: PowerWindow, ov: list[tuple[
     attn = prof.config.model.attention_token_equiv
     T = w.t1_s - w.t0_s
     busy = sum(o for _, o in ov)
+    if sum(o for it, o in ov if it.end_mhz) > MAX_SWITCH_SHARE * T:
+        return None
     if w.freq_mhz > 0:
         gap_mhz = w.freq_mhz
     elif ov and T - busy <= MAX_GAP_SHARE * T:
-        gap_mhz = max(ov, key=lambda x: x[0].t0_s)[0].freq_mhz  # an idle GPU keeps its last clock
+        last = max(ov, key=lambda x: x[0].t0_s)[0]
+        gap_mhz = last.end_mhz or last.freq_mhz  # an idle GPU keeps its last clock
     else:
         return None
     K = len(knots)
@@ -359,20 +370,23 @@ def _window_model(prof: Profile, tel: Telemetry, w: PowerWindow, ov: list[tuple[
         return tables[f]
 
     energy = peak = 0.0
-    for it, o in ov:
-        tb = table(it.freq_mhz)
+    for it, o_all in ov:
         xm, xc = work_features(it, attn)
-        a = (coef[0] * xm[0] + coef[1] * xm[1] + coef[2] * xm[2]) * tb[pm.T_MEM_SLOWDOWN]
-        c = coef[3] * xc * tb[pm.T_COMP_SLOWDOWN]
-        t = float(np.hypot(a, c))
-        fa, fc = a / t, c / t
-        p = tb[pm.T_IDLE_W] + fa * tb[pm.T_MEM_POWER_W] + fc * tb[pm.T_COMP_POWER_W]
-        peak = max(peak, p)
-        energy += o * min(cap, max(tb[pm.T_IDLE_W], p))
-        wt = interp_weights(knots, np.array([float(it.freq_mhz)]), inverse=False)[0] * (o / T)
-        idle += wt
-        mem += fa * wt
-        comp += fc * wt
+        # a switch landed while it ran, at a time nobody measured: half at each clock
+        parts = ((it.freq_mhz, o_all),) if it.end_mhz == 0 else ((it.freq_mhz, o_all / 2), (it.end_mhz, o_all / 2))
+        for f, o in parts:
+            tb = table(f)
+            a = (coef[0] * xm[0] + coef[1] * xm[1] + coef[2] * xm[2]) * tb[pm.T_MEM_SLOWDOWN]
+            c = coef[3] * xc * tb[pm.T_COMP_SLOWDOWN]
+            t = float(np.hypot(a, c))
+            fa, fc = a / t, c / t
+            p = tb[pm.T_IDLE_W] + fa * tb[pm.T_MEM_POWER_W] + fc * tb[pm.T_COMP_POWER_W]
+            peak = max(peak, p)
+            energy += o * min(cap, max(tb[pm.T_IDLE_W], p))
+            wt = interp_weights(knots, np.array([float(f)]), inverse=False)[0] * (o / T)
+            idle += wt
+            mem += fa * wt
+            comp += fc * wt
     gap = max(0.0, T - busy)
     idle += interp_weights(knots, np.array([float(gap_mhz)]), inverse=False)[0] * (gap / T)
     energy += gap * table(gap_mhz)[pm.T_IDLE_W]
@@ -463,7 +477,7 @@ def fit_telemetry(tel: Telemetry, base: ProfileConfig, name: str | None = None) 
     knots = choose_knots(tel, base)
     # the reference (slowdown 1, where the coefficients hold) is the measured knot nearest the base's:
     # a knot without data there would leave the scale to the base and skew the clocks around it
-    measured = [i for i, k in enumerate(knots) if any(abs(k - f) < 1 for f in {it.freq_mhz for it in tel.iterations})]
+    measured = [i for i, k in enumerate(knots) if any(abs(k - f) < 1 for f in {it.freq_mhz for it in steady(tel)})]
     ref = min(measured, key=lambda i: abs(knots[i] - cr.reference_mhz))
     lo_mhz, hi_mhz = base.gpu.clock_min_mhz, base.gpu.clock_max_mhz
     outside = sorted({it.freq_mhz for it in tel.iterations if not lo_mhz <= it.freq_mhz <= hi_mhz})
@@ -577,12 +591,12 @@ def score(prof: Profile, tel: Telemetry, fitted_on: Telemetry | None = None) -> 
     iterations at a clock or with a batch shape absent from it, windows at a clock where it has no
     window (each window is still modelled with every iteration of ``tel`` that ran in it).
     """
-    clocks = {it.freq_mhz for it in fitted_on.iterations} if fitted_on else set()
-    shapes = {_shape_key(it) for it in fitted_on.iterations} if fitted_on else set()
+    clocks = {it.freq_mhz for it in steady(fitted_on)} if fitted_on else set()
+    shapes = {_shape_key(it) for it in steady(fitted_on)} if fitted_on else set()
     wclocks = {w.freq_mhz for w in fitted_on.windows} if fitted_on else set()
     errs: dict[tuple[str, str], list[float]] = defaultdict(list)
     tps = set(prof.tp_degrees)
-    for it in tel.iterations:
+    for it in steady(tel):
         h = tel.headers[it.instance]
         if h.tp not in tps or (fitted_on and it.freq_mhz in clocks and _shape_key(it) in shapes):
             continue

@@ -19,7 +19,9 @@ Records (``version`` = :data:`VERSION`; units in every field name)::
      "locked_mhz": 1410, "chunk_tokens": [2048, 1024], "prefix_tokens": [0, 4096]}
         One prefill iteration: its chunks (new tokens per request) and each chunk's prefix (tokens
         of that request prefilled before it), measured time, and the SM clock read back at its
-        start and end (equal: only iterations that ran at one clock throughout are recorded).
+        start. ``end_mhz``: the clock read back at its end when a switch landed while it ran (0 =
+        the same clock throughout); such iterations are not used to fit time, only to account
+        for the energy of the power windows they fall in.
         ``t0_s``: start, on the recorder's monotonic clock (the same clock as power windows).
         ``locked_mhz``: the clock that was asked for (0 = unknown); a difference from ``freq_mhz``
         means the GPU did not reach it (power or thermal throttling).
@@ -83,6 +85,7 @@ class PrefillIteration(msgspec.Struct, tag="prefill", tag_field="kind", frozen=T
     chunk_tokens: list[Annotated[int, msgspec.Meta(ge=1)]]
     prefix_tokens: list[Tokens]
     locked_mhz: Mhz = 0
+    end_mhz: Mhz = 0
 
 
 class DecodeIteration(msgspec.Struct, tag="decode", tag_field="kind", frozen=True, forbid_unknown_fields=True):
@@ -92,6 +95,7 @@ class DecodeIteration(msgspec.Struct, tag="decode", tag_field="kind", frozen=Tru
     freq_mhz: Annotated[int, msgspec.Meta(gt=0)]
     context_tokens: list[Annotated[int, msgspec.Meta(ge=1)]]
     locked_mhz: Mhz = 0
+    end_mhz: Mhz = 0
 
 
 class PowerWindow(msgspec.Struct, tag="power", tag_field="kind", frozen=True, forbid_unknown_fields=True):
@@ -136,6 +140,8 @@ def _check(rec: Record, headers: dict[str, Header]) -> str | None:
         return None
     if phase_of(rec) != h.phase:
         return f"kind = {phase_of(rec)!r}: instance {rec.instance!r} is a {h.phase} instance (header)"
+    if rec.end_mhz == rec.freq_mhz:
+        return f"end_mhz = {rec.end_mhz}: 0 when the clock did not change, else the clock read at the end"
     if isinstance(rec, PrefillIteration):
         if not rec.chunk_tokens:
             return "chunk_tokens = []: a prefill iteration has at least one chunk"

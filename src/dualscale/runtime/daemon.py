@@ -338,7 +338,7 @@ class ControllerDaemon:
         # the engine reads the clock at each iteration's start: the same reading at its end means
         # it ran at that clock throughout; otherwise (a switch landed mid-iteration) nothing is learnt
         freq = r.freq_mhz if r.freq_mhz == slot.decided_freq_mhz else 0
-        if self.recorder is not None and freq > 0:
+        if self.recorder is not None:
             self.recorder.iteration(slot.spec.name, r, freq)
         ctl, cor = slot.ctl, slot.ctl.correction
         seen, triggers = cor.observations, cor.triggers
@@ -369,7 +369,7 @@ class ControllerDaemon:
             self._feedback(slot, r)
             slot.decided_epoch, slot.decided_seq, slot.decided_freq_mhz = r.epoch, r.seq, r.freq_mhz
             if self.recorder is not None:
-                self.recorder.decided(slot.spec.name, r, slot.recv_ns)
+                self.recorder.decided(slot.spec.name, r)
             try:
                 freq_mhz, feasible = slot.decide(slot.ctl, r)
             except ValueError as e:  # bad array lengths or contents: the controller names the field

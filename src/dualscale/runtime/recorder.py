@@ -3,9 +3,9 @@
 The daemon calls three hooks and nothing else:
 
 * :meth:`TelemetryRecorder.iteration` from ``ControllerDaemon._feedback`` when a report carries the
-  measured time of the iteration last decided on and the clock was the same at its start and end
-  (the very iterations the controller learns from): one iteration record, with the batch shape of
-  the report that was decided on (prefill: the chunks the engine forms from the waiting queue by
+  measured time of the iteration last decided on: one iteration record, with the batch shape of
+  the report that was decided on, the clock read at its start and, if a switch landed while it ran
+  (the controller learns nothing from those), the clock read at its end (prefill: the chunks the engine forms from the waiting queue by
   the rule the controller projects, :class:`~dualscale.control.BatchFormer`; decode: the running
   batch's contexts). It starts when that report arrived.
 * :meth:`TelemetryRecorder.decided` after each decision: resolves which iterations are known.
@@ -17,7 +17,11 @@ The daemon calls three hooks and nothing else:
   saw the same locked and read-back clock, else 0 (DVFS changed it: the fit then takes each
   iteration at its own clock, which energy allows, being additive).
 
-All times are the daemon's monotonic clock, in seconds since the recorder started.
+Times are the GPU node's ``CLOCK_MONOTONIC`` in seconds: an iteration starts when its worker sent
+the report decided on (``sent_ns``: engines report at each iteration's start), a window runs between
+the ``sent_ns`` of two actuator statuses (stamped right after the energy counters are read). Worker
+and actuator run on the same node, so both sides of the energy attribution share one clock, and the
+daemon's own delays (it may take a status tens of ms after it was sent) do not blur it.
 """
 
 from __future__ import annotations
@@ -75,7 +79,6 @@ class TelemetryRecorder:
         if not window_s > 0:
             raise ValueError(f"window_s = {window_s}: must be > 0")
         self.window_ns = int(window_s * 1e9)
-        self.origin_ns = time.perf_counter_ns()
         self.states = {s.name: _State(s, BatchFormer(s.max_batch_tokens) if s.phase == "prefill" else None)
                        for s in instances}
         self.by_node: dict[str, list[_State]] = {}
@@ -88,18 +91,22 @@ class TelemetryRecorder:
         self.iterations = 0
         self.windows = 0
 
-    def _s(self, ns: int) -> float:
-        return (ns - self.origin_ns) * 1e-9
+    @staticmethod
+    def _s(ns: int) -> float:
+        return ns * 1e-9
 
     # ---- hooks ---------------------------------------------------------------------------------
     def iteration(self, instance: str, r: Any, freq_mhz: int) -> None:
-        """Report ``r`` measured the iteration last decided on, run at ``freq_mhz`` throughout."""
+        """Report ``r`` measured the iteration last decided on, run at ``freq_mhz`` throughout (0: the
+        clock changed while it ran)."""
         st = self.states[instance]
         d = st.decided
-        if d is None:
-            return
+        if d is None or d.freq_mhz <= 0 or r.freq_mhz <= 0:
+            return  # the engine does not know its clock: the iteration stays unknown
+        start_mhz = int(d.freq_mhz)
+        end_mhz = 0 if freq_mhz > 0 else int(r.freq_mhz)
         st.recorded_seq = r.seq
-        if st.open is not None and st.open.freq_mhz != freq_mhz:  # ran at another clock inside the window
+        if st.open is not None and (st.open.freq_mhz != start_mhz or end_mhz):  # another clock inside the window
             st.open.mixed = True
         t0 = self._s(st.decided_ns)
         if st.former is not None:
@@ -108,21 +115,21 @@ class TelemetryRecorder:
                 return
             chunks, prefix = st.former.next_batch(prompt, np.frombuffer(d.prefilled_tokens, dtype="<i8"))
             rec: PrefillIteration | DecodeIteration = PrefillIteration(
-                instance, t0, float(r.iteration_s), int(freq_mhz), chunks.tolist(), prefix.tolist(), st.locked_mhz)
+                instance, t0, float(r.iteration_s), start_mhz, chunks.tolist(), prefix.tolist(), st.locked_mhz, end_mhz)
         else:
             ctx = np.frombuffer(d.context_tokens, dtype="<i8")
             if ctx.size == 0:
                 return
-            rec = DecodeIteration(instance, t0, float(r.iteration_s), int(freq_mhz), ctx.tolist(), st.locked_mhz)
+            rec = DecodeIteration(instance, t0, float(r.iteration_s), start_mhz, ctx.tolist(), st.locked_mhz, end_mhz)
         self.writer.write(rec)
         self.iterations += 1
 
-    def decided(self, instance: str, r: Any, recv_ns: int) -> None:
-        """The daemon decided on report ``r`` (arrived at ``recv_ns``, ``time.perf_counter_ns``)."""
+    def decided(self, instance: str, r: Any) -> None:
+        """The daemon decided on report ``r``: the iteration it describes starts (``r.sent_ns``)."""
         st = self.states[instance]
         if st.decided is not None and st.recorded_seq != r.seq:
-            # the iteration(s) since the last decided report ran at an unknown clock (a switch landed
-            # mid-iteration, or a report was superseded): void every window they overlap
+            # the iteration(s) since the last decided report are unknown (a report was superseded or
+            # invalid, or the engine did not know its clock): void every window they overlap
             start = st.decided_ns
             st.pending = [p for p in st.pending if p[1] <= start]
             if st.open is not None:
@@ -131,11 +138,11 @@ class TelemetryRecorder:
         for w, t1_ns, e1 in st.pending:
             self._emit(st, w, t1_ns, e1)
         st.pending.clear()
-        st.decided, st.decided_ns = r, recv_ns
+        st.decided, st.decided_ns = r, int(r.sent_ns)
 
     def status(self, status: NodeStatus) -> None:
         """An actuator status arrived: extend, close or void the node's instances' power windows."""
-        now = time.perf_counter_ns()
+        now = int(status.sent_ns)
         gpus = {g.index: g for g in status.gpus}
         for st in self.by_node.get(status.node, ()):
             gs = [gpus.get(i) for i in st.spec.gpus]
