@@ -78,9 +78,6 @@ SHAPE_WEIGHT = 0.1
 #: A window whose clock varied is modelled only if idle for at most this share of it (the clock
 #: of an idle gap is taken to be the last iteration's: no engine reports while idle).
 MAX_GAP_SHARE = 0.1
-#: A window is modelled only if iterations during which the clock switched (taken half at each
-#: clock: when the switch landed is not measured) fill at most this share of it.
-MAX_SWITCH_SHARE = 0.3
 #: Windows whose iterations the fitted model puts at or above this share of the cap are left out.
 CAP_SHARE = 0.97
 #: Iterations per (phase, TP) the time fit uses at most (an even subsample of a longer recording:
@@ -341,9 +338,31 @@ class _WindowModel:
     peak_w: float
 
 
+def switch_delay_s(prof: Profile, tel: Telemetry) -> float | None:
+    """How long after an iteration starts a clock switch decided on its report lands (s): the median
+    over iterations during which the clock switched, from their measured time and ``prof``'s times at
+    the old and new clocks (work done at the old clock's pace for that long, the rest at the new's).
+    Only iterations whose two clocks differ in time by >= 10 % inform it; None when there are none."""
+    est = []
+    for it in tel.iterations:
+        if not it.end_mhz:
+            continue
+        tp = tel.headers[it.instance].tp
+        if isinstance(it, PrefillIteration):
+            old, new = (float(prof.prefill_time_s(tp, it.chunk_tokens, f, it.prefix_tokens))
+                        for f in (it.freq_mhz, it.end_mhz))
+        else:
+            old, new = (float(prof.decode_time_s(tp, it.context_tokens, f)) for f in (it.freq_mhz, it.end_mhz))
+        if abs(old - new) >= 0.1 * it.time_s:
+            est.append((it.time_s - new) / (1.0 - new / old))
+    return float(max(0.0, np.median(est))) if est else None
+
+
 def _window_model(prof: Profile, tel: Telemetry, w: PowerWindow, ov: list[tuple[Iteration, float]],
-                  knots: NDArray[np.float64]) -> _WindowModel | None:
-    """``w`` under ``prof`` (None when it cannot be modelled: a varied clock and long idle gaps)."""
+                  knots: NDArray[np.float64], delay_s: float | None) -> _WindowModel | None:
+    """``w`` under ``prof`` (None when it cannot be modelled: a varied clock and long idle gaps).
+    An iteration during which the clock switched runs its first ``delay_s`` at the old clock (half
+    of it when unknown)."""
     h = tel.headers[w.instance]
     phase = h.phase
     coef = prof.coefficients(phase, h.tp)  # type: ignore[arg-type]
@@ -351,8 +370,6 @@ def _window_model(prof: Profile, tel: Telemetry, w: PowerWindow, ov: list[tuple[
     attn = prof.config.model.attention_token_equiv
     T = w.t1_s - w.t0_s
     busy = sum(o for _, o in ov)
-    if sum(o for it, o in ov if it.end_mhz) > MAX_SWITCH_SHARE * T:
-        return None
     if w.freq_mhz > 0:
         gap_mhz = w.freq_mhz
     elif ov and T - busy <= MAX_GAP_SHARE * T:
@@ -372,8 +389,12 @@ def _window_model(prof: Profile, tel: Telemetry, w: PowerWindow, ov: list[tuple[
     energy = peak = 0.0
     for it, o_all in ov:
         xm, xc = work_features(it, attn)
-        # a switch landed while it ran, at a time nobody measured: half at each clock
-        parts = ((it.freq_mhz, o_all),) if it.end_mhz == 0 else ((it.freq_mhz, o_all / 2), (it.end_mhz, o_all / 2))
+        if it.end_mhz == 0:
+            parts: tuple[tuple[int, float], ...] = ((it.freq_mhz, o_all),)
+        else:  # the switch landed delay_s into the iteration (when unknown: half way)
+            cut = it.t0_s + (min(delay_s, it.time_s) if delay_s is not None else it.time_s / 2)
+            o_old = max(0.0, min(w.t1_s, cut) - max(w.t0_s, it.t0_s))
+            parts = ((it.freq_mhz, o_old), (it.end_mhz, max(0.0, o_all - o_old)))
         for f, o in parts:
             tb = table(f)
             a = (coef[0] * xm[0] + coef[1] * xm[1] + coef[2] * xm[2]) * tb[pm.T_MEM_SLOWDOWN]
@@ -397,7 +418,8 @@ def _fit_power(tel: Telemetry, prof: Profile, base: ProfileConfig, knots: NDArra
                tps: list[int]) -> tuple[NDArray[np.float64], dict[int, dict[str, NDArray[np.float64]]], NDArray[np.float64], int]:
     """Idle curve and per-TP busy power curves; (idle, curves, window weight per knot, windows dropped)."""
     cap = base.gpu.power_cap_w
-    models = [(w, _window_model(prof, tel, w, ov, knots)) for w, ov in window_iterations(tel)]
+    delay = switch_delay_s(prof, tel)
+    models = [(w, _window_model(prof, tel, w, ov, knots, delay)) for w, ov in window_iterations(tel)]
     rows = [(w, m) for w, m in models if m is not None]
     bad = len(tel.windows) - len(rows)
     used = [(w, m) for w, m in rows if m.peak_w < CAP_SHARE * cap]
@@ -605,11 +627,12 @@ def score(prof: Profile, tel: Telemetry, fitted_on: Telemetry | None = None) -> 
         else:
             t = prof.decode_time_s(h.tp, it.context_tokens, it.freq_mhz)
         errs[(h.phase, "time")].append(abs(float(t) / it.time_s - 1.0))
+    delay = switch_delay_s(prof, tel)
     for w, ov in window_iterations(tel):
         h = tel.headers[w.instance]
         if h.tp not in tps or (fitted_on and w.freq_mhz in wclocks):
             continue
-        m = _window_model(prof, tel, w, ov, np.asarray(prof.config.clock_response.knots_mhz))
+        m = _window_model(prof, tel, w, ov, np.asarray(prof.config.clock_response.knots_mhz), delay)
         if m is not None:
             errs[(h.phase, "power")].append(abs(m.model_w / w.mean_power_w - 1.0))
     return [Score(ph, q, len(e), 100 * float(np.mean(e)), 100 * float(np.median(e)), 100 * float(np.max(e)))
