@@ -68,7 +68,7 @@ def test_attach_rejects_a_foreign_file(tmp_path):
 def test_a_new_load_is_not_counted_over_the_idle_time_before_it(profile, tmp_path, monkeypatch):
     """An emulated engine posts each iteration's power; the energy of the idle gap before it must stay
     idle energy (it was counted at the new load's power when the counter was read after the post)."""
-    import dualscale.device.sim as sim
+    from dualscale.device import sim
 
     now = [10**12]
     monkeypatch.setattr(sim.time, "monotonic_ns", lambda: now[0])

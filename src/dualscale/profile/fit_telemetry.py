@@ -38,8 +38,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import least_squares
 
-from dualscale.errors import DataError
 from dualscale._kernels import perf_model as pm
+from dualscale.errors import DataError
 from dualscale.profile.model import Profile, interp_curves
 from dualscale.profile.schema import (
     POWER_CURVES,
@@ -51,7 +51,6 @@ from dualscale.profile.schema import (
     dump_toml,
 )
 from dualscale.profile.telemetry import (
-    DecodeIteration,
     Iteration,
     PowerWindow,
     PrefillIteration,
