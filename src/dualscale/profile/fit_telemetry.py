@@ -77,6 +77,12 @@ SHAPE_WEIGHT = 0.1
 #: A window whose clock varied is modelled only if idle for at most this share of it (the clock
 #: of an idle gap is taken to be the last iteration's: no engine reports while idle).
 MAX_GAP_SHARE = 0.1
+#: A window is modelled only if iterations during which the clock switched fill at most this share
+#: of it (when in them the switch landed is estimated, :func:`switch_delay_s`, not measured).
+MAX_SWITCH_SHARE = 0.3
+#: Iterations of one instance may overlap by this much (report timestamps jitter) before the
+#: windows they fall in are left out.
+OVERLAP_S = 0.002
 #: Windows whose iterations the fitted model puts at or above this share of the cap are left out.
 CAP_SHARE = 0.97
 #: Iterations per (phase, TP) the time fit uses at most (an even subsample of a longer recording:
@@ -304,8 +310,7 @@ def _fit_time(groups: dict[tuple[str, int], _Group], base: ProfileConfig, knots:
 
 def window_iterations(tel: Telemetry) -> list[tuple[PowerWindow, list[tuple[Iteration, float]]]]:
     """Each power window with the iterations of its instance that overlap it and by how long (s);
-    windows whose iterations overlap each other (busy > 102 % of the window: timing gone wrong)
-    are left out."""
+    windows in which two iterations overlap (by more than :data:`OVERLAP_S` or 5 %) are left out."""
     by_inst: dict[str, list[Iteration]] = defaultdict(list)
     for it in tel.iterations:
         by_inst[it.instance].append(it)
@@ -320,7 +325,9 @@ def window_iterations(tel: Telemetry) -> list[tuple[PowerWindow, list[tuple[Iter
         hi = int(np.searchsorted(st, w.t1_s))
         ov = [(it, min(w.t1_s, it.t0_s + it.time_s) - max(w.t0_s, it.t0_s)) for it in its[lo:hi]]
         ov = [(it, o) for it, o in ov if o > 0]
-        if sum(o for _, o in ov) <= 1.02 * (w.t1_s - w.t0_s):
+        # an engine runs one iteration at a time: iterations that overlap mean the reported times
+        # and the report times disagree (a lagging engine), and so would the window's energy
+        if all(b.t0_s >= a.t0_s + a.time_s - max(OVERLAP_S, 0.05 * a.time_s) for (a, _), (b, _) in zip(ov, ov[1:])):
             out.append((w, ov))
     return out
 
@@ -369,6 +376,8 @@ def _window_model(prof: Profile, tel: Telemetry, w: PowerWindow, ov: list[tuple[
     attn = prof.config.model.attention_token_equiv
     T = w.t1_s - w.t0_s
     busy = sum(o for _, o in ov)
+    if sum(o for it, o in ov if it.end_mhz) > MAX_SWITCH_SHARE * T:
+        return None
     if w.freq_mhz > 0:
         gap_mhz = w.freq_mhz
     elif ov and T - busy <= MAX_GAP_SHARE * T:
