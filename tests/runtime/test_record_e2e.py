@@ -11,10 +11,8 @@ them. Real processes and sockets (loopback ipc://), real time (about 40 s). Noth
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -88,7 +86,7 @@ def recovery_mape(truth: Profile, fitted: Profile, tel: T.Telemetry, n: int = 30
     return out
 
 
-def test_serve_record_under_dvfs_recovers_the_truth(tmp_path: Path):
+def test_serve_record_under_dvfs_recovers_the_truth(tmp_path: Path, processes):
     truth_cfg = perturbed(Profile.load(BASE).config, seed=1)
     truth = Profile(truth_cfg)
     (tmp_path / "truth.toml").write_bytes(to_toml(truth_cfg))
@@ -97,37 +95,20 @@ def test_serve_record_under_dvfs_recovers_the_truth(tmp_path: Path):
     truth_rt.write_bytes(tomli_w.dumps(runtime_config(tmp_path, str(tmp_path / "truth.toml"), state)).encode())
     serve_rt.write_bytes(tomli_w.dumps(runtime_config(tmp_path, BASE, state)).encode())
     record = tmp_path / "rec.jsonl"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        with open(tmp_path / f"{name}.log", "w") as log:
-            p = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-        procs.append(p)
-        return p
-
-    try:
-        actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(truth_rt), "--backend", "sim")
-        wait_until("the simulated node", state.exists, 90, [actuator])
-        serve = start("serve", "-m", "dualscale.cli", "serve", "--config", str(serve_rt), "--record", str(record),
-                      "--record-window-s", "0.5")
-        wait_until("the telemetry headers", lambda: record.exists() and record.stat().st_size > 0, 90, [serve])
-        engine = start("engine", "-m", "dualscale.runtime.emulate", "--config", str(truth_rt), "--prefill", "p0",
-                       "--decode", "d0", "--state-file", str(state), "--rate", "4", "--duration", DURATION_S, "--seed", "5")
-        wait_until("the emulated engine to serve its trace", lambda: engine.poll() is not None, 240, [serve, actuator])
-        assert engine.returncode == 0, (tmp_path / "engine.log").read_text()
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=30)
-        assert serve.returncode == 0, (tmp_path / "serve.log").read_text()
-        assert "recorded" in (tmp_path / "serve.log").read_text()
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+    start = processes.start
+    actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(truth_rt), "--backend", "sim")
+    wait_until("the simulated node", state.exists, 90, [actuator])
+    serve = start("serve", "-m", "dualscale.cli", "serve", "--config", str(serve_rt), "--record", str(record),
+                  "--record-window-s", "0.5")
+    wait_until("the telemetry headers", lambda: record.exists() and record.stat().st_size > 0, 90, [serve])
+    engine = start("engine", "-m", "dualscale.runtime.emulate", "--config", str(truth_rt), "--prefill", "p0",
+                   "--decode", "d0", "--state-file", str(state), "--rate", "4", "--duration", DURATION_S, "--seed", "5")
+    wait_until("the emulated engine to serve its trace", lambda: engine.poll() is not None, 240, [serve, actuator])
+    assert engine.returncode == 0, processes.log("engine")
+    serve.send_signal(signal.SIGTERM)
+    serve.wait(timeout=30)
+    assert serve.returncode == 0, processes.log("serve")
+    assert "recorded" in processes.log("serve")
 
     tel = T.read(record)
     assert {h.instance: (h.phase, h.profile, h.source) for h in tel.headers.values()} == {
