@@ -58,14 +58,29 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--decode-context", type=int, default=1024, help="context tokens per decode request (default: 1024)")
 
     fit = psub.add_parser(
-        "fit", help="rebuild the built-in profile from the public measurement folders",
+        "fit", help="calibrate a profile from telemetry, or rebuild the built-in one from public data",
         description=(
-            "Fit the H100 x Llama-3.3-70B profile from the shared data folder (deterministic) and write it.\n"
-            "See dualscale/profile/fit.py for which source each number follows.\n\n"
-            "example: dualscale profile fit --data ../shared/data --out configs/profiles/h100-sxm-llama-3.3-70b.toml"
+            "With --telemetry: calibrate a profile from a recording of your own node (`dualscale serve\n"
+            "--record FILE`, or a sweep): the same model forms as the built-in profile, fitted to the\n"
+            "recorded iterations (batch shape, time, clock read back) and power windows. What the\n"
+            "telemetry cannot pin (TP degrees, clocks outside the range it visited, GPU and model\n"
+            "geometry, KV capacity) comes from --base; the output's `source` fields say which is which.\n"
+            "Fails, naming what to collect, on too few clocks or batch shapes, a locked clock that was never\n"
+            "reached, or missing power windows. See dualscale/profile/fit_telemetry.py.\n\n"
+            "Without --telemetry: fit the H100 x Llama-3.3-70B profile from the shared data folder\n"
+            "(deterministic); see dualscale/profile/fit.py for which source each number follows.\n\n"
+            "examples:\n"
+            "  dualscale profile fit --telemetry node3.jsonl --base h100-sxm-llama-3.3-70b --out my.toml\n"
+            "  dualscale profile validate --telemetry node3-later.jsonl my.toml\n"
+            "  dualscale profile fit --data ../shared/data --out configs/profiles/h100-sxm-llama-3.3-70b.toml"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    fit.add_argument("--telemetry", type=Path, metavar="FILE",
+                     help="telemetry to calibrate from (JSON Lines; rotated FILE.1 ... are read too)")
+    fit.add_argument("--base", default=DEFAULT_PROFILE, metavar="PROFILE",
+                     help=f"with --telemetry: profile of the same GPU to start from (default: {DEFAULT_PROFILE})")
+    fit.add_argument("--name", help="with --telemetry: profile name (default: the --out file's stem)")
     fit.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (default: %(default)s)")
     fit.add_argument("--out", type=Path, default=None,
                      help="where to write the profile TOML (default: print to stdout)")
@@ -112,13 +127,21 @@ def _parser() -> argparse.ArgumentParser:
             "ML.ENERGY H100 rows and scored on them (median error per model; target on the median over\n"
             "models).\n"
             "Exit status 1 when a target is missed.\n\n"
-            "example: dualscale profile validate --json > validation.json"
+            "With --telemetry FILE: instead, the profile's error on a recording of your node (time of every\n"
+            "iteration, mean power of every power window); with --fitted-on TRAIN, only on what the fit on\n"
+            "TRAIN never saw (iterations at other clocks or of other batch shapes, windows at other clocks).\n\n"
+            "examples:\n"
+            "  dualscale profile validate --json > validation.json\n"
+            "  dualscale profile validate my.toml --telemetry later.jsonl --fitted-on node3.jsonl"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     val.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name or TOML path")
     val.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (default: %(default)s)")
     val.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    val.add_argument("--telemetry", type=Path, metavar="FILE", help="score the profile on this telemetry instead")
+    val.add_argument("--fitted-on", type=Path, metavar="TRAIN",
+                     help="with --telemetry: score only what this telemetry (the fit's) does not contain")
 
     sim = sub.add_parser(
         "simulate", help="replay a trace through a simulated P/D cluster under clock policies",
@@ -265,6 +288,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from dualscale.profile import fit
 
+    if args.telemetry is not None:
+        return _fit_telemetry(args)
     cfg = fit.fit(fit.load_inputs(args.data))
     data = fit.to_toml(cfg)
     if args.out is None:
@@ -296,10 +321,61 @@ def _cmd_derive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_telemetry(args: argparse.Namespace) -> int:
+    from dualscale.profile import Profile, telemetry
+    from dualscale.profile.fit_telemetry import fit_telemetry, score, to_toml
+
+    tel = telemetry.read(args.telemetry)
+    base = Profile.load(args.base).config
+    name = args.name or (args.out.stem if args.out is not None else None)
+    result = fit_telemetry(tel, base, name=name)
+    data = to_toml(result.config)
+    if args.out is None:
+        sys.stdout.write(data.decode())
+    else:
+        write_atomic(args.out, data)
+        print(f"wrote {args.out}: {result.iterations} iterations, {result.windows} power windows "
+              f"from {', '.join(map(str, tel.files))}", file=sys.stderr)
+    for note in result.notes:
+        print(f"- {note}", file=sys.stderr)
+    for s in score(Profile(result.config), tel):
+        print(f"fit error on the telemetry itself: {s.phase} {s.quantity}: MAPE {s.mape_pct:.2f} % over {s.n} "
+              f"(max {s.max_pct:.1f} %)", file=sys.stderr)
+    return 0
+
+
+def _validate_telemetry(args: argparse.Namespace) -> int:
+    from dualscale.profile import Profile, telemetry
+    from dualscale.profile.fit_telemetry import score
+
+    tel = telemetry.read(args.telemetry)
+    train = telemetry.read(args.fitted_on) if args.fitted_on is not None else None
+    scores = score(Profile.load(args.profile), tel, train)
+    if args.json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(
+            {"profile": args.profile, "telemetry": str(args.telemetry), "held_out_from": str(args.fitted_on or ""),
+             "scores": scores})).decode() + "\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{args.profile} on {args.telemetry}" + (f" (held out from {args.fitted_on})" if train else ""))
+    for col in ("phase", "quantity", "n", "MAPE %", "median %", "max %"):
+        t.add_column(col)
+    for s in scores:
+        t.add_row(s.phase, s.quantity, str(s.n), f"{s.mape_pct:.2f}", f"{s.median_pct:.2f}", f"{s.max_pct:.1f}")
+    Console().print(t)
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from dualscale.profile import Profile
     from dualscale.profile.validate import validate
 
+    if args.telemetry is not None:
+        return _validate_telemetry(args)
+    if args.fitted_on is not None:
+        raise ValueError("--fitted-on: only with --telemetry")
     results = validate(Profile.load(args.profile), args.data)
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode({"profile": args.profile, "checks": results})).decode() + "\n")

@@ -57,22 +57,7 @@ def total(samples: dict[str, float], name: str, **labels: str) -> float:
     return sum(v for k, v in samples.items() if k.split("{")[0] == name and all(w in k for w in want))
 
 
-def launcher(tmp_path: Path) -> tuple[list[subprocess.Popen], Callable[..., subprocess.Popen]]:
-    """(the processes started so far, ``start(name, *args)``): runs ``python *args`` in ``tmp_path``
-    with its output in ``tmp_path/name.log``."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        with open(tmp_path / f"{name}.log", "w") as log:  # the child keeps its own descriptor
-            p = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-        procs.append(p)
-        return p
-
-    return procs, start
-
-
-def test_end_to_end_decisions_clocks_energy_deadman_garbage_restart(tmp_path: Path):
+def test_end_to_end_decisions_clocks_energy_deadman_garbage_restart(tmp_path: Path, processes):
     state = tmp_path / "node.state"
     keys = make_keys(tmp_path / "keys", instances=[n for n, _, _ in INSTANCES])
     cfg = {
@@ -86,7 +71,7 @@ def test_end_to_end_decisions_clocks_energy_deadman_garbage_restart(tmp_path: Pa
     }
     path = tmp_path / "runtime.toml"
     path.write_bytes(tomli_w.dumps(cfg).encode())
-    procs, start = launcher(tmp_path)
+    procs, start = processes.procs, processes.start
 
     def serve(port: int) -> subprocess.Popen:
         return start(f"serve-{port}", "-m", "dualscale.cli", "serve", "--config", str(path), "--metrics-port",
@@ -265,7 +250,7 @@ def test_nvml_actuator_process_on_the_simulated_nvml(tmp_path: Path, monkeypatch
 BIAS = 0.2
 
 
-def test_the_daemon_learns_a_biased_truth(tmp_path: Path):
+def test_the_daemon_learns_a_biased_truth(tmp_path: Path, processes):
     """Emulated engines on GPUs 20 % slower than the profile; the daemon learns it from the reports'
     measured iteration times (prediction error before and after, from metrics)."""
     state = tmp_path / "node.state"
@@ -283,7 +268,7 @@ def test_the_daemon_learns_a_biased_truth(tmp_path: Path):
     }
     path = tmp_path / "runtime.toml"
     path.write_bytes(tomli_w.dumps(cfg).encode())
-    procs, start = launcher(tmp_path)
+    procs, start = processes.procs, processes.start
 
     try:
         actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim")
@@ -315,7 +300,7 @@ def test_the_daemon_learns_a_biased_truth(tmp_path: Path):
             p.wait(30)
 
 
-def test_shadow_mode_decides_and_accounts_but_never_locks(tmp_path: Path):
+def test_shadow_mode_decides_and_accounts_but_never_locks(tmp_path: Path, processes):
     """`actuator --observe`: the emulated engines run at the GPUs' own (top) clock; the daemon decides,
     learns and exports what it would have saved; no GPU is ever locked."""
     state = tmp_path / "node.state"
@@ -333,7 +318,7 @@ def test_shadow_mode_decides_and_accounts_but_never_locks(tmp_path: Path):
     }
     path = tmp_path / "runtime.toml"
     path.write_bytes(tomli_w.dumps(cfg).encode())
-    procs, start = launcher(tmp_path)
+    procs, start = processes.procs, processes.start
     try:
         actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim",
                          "--observe")

@@ -63,3 +63,21 @@ def test_attach_rejects_a_foreign_file(tmp_path):
     p.write_bytes(b"abc")
     with pytest.raises(ValueError, match="not a simulated-node state file"):
         SimNodeState.attach(p)
+
+
+def test_a_new_load_is_not_counted_over_the_idle_time_before_it(profile, tmp_path, monkeypatch):
+    """An emulated engine posts each iteration's power; the energy of the idle gap before it must stay
+    idle energy (it was counted at the new load's power when the counter was read after the post)."""
+    from dualscale.device import sim
+
+    now = [10**12]
+    monkeypatch.setattr(sim.time, "monotonic_ns", lambda: now[0])
+    b = SimBackend(profile, gpus=1, switch_delay_s=0.0, state_file=tmp_path / "s")
+    engine = SimNodeState.attach(tmp_path / "s")
+    engine.set_idle_power(profile)
+    idle_w = float(profile.idle_power_w(1980))
+    e0 = b.total_energy_j(0)
+    now[0] += 100_000_000  # 0.1 s idle, nobody reads the counter
+    engine.set_load_w([0], 500.0, 0.02)
+    now[0] += 50_000_000  # 0.02 s busy, 0.03 s idle
+    assert b.total_energy_j(0) - e0 == pytest.approx(idle_w * 0.13 + 500.0 * 0.02, rel=1e-9)

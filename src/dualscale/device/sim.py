@@ -63,6 +63,8 @@ class SimNodeState:
             raise ValueError(f"gpus = {gpus}: must be >= 1")
         self.path = Path(path) if path is not None else None
         self._tlock = threading.Lock()
+        self._idle_w: np.ndarray | None = None
+        self._f0 = self._step = 1
         self._fd = -1
         self._mm: mmap.mmap | None = None
         self.counter_id = f"sim:{uuid.uuid4().hex}"
@@ -143,11 +145,46 @@ class SimNodeState:
         with self.lock():
             return int(self.rows[gpu]["locked_mhz"])
 
+    def set_idle_power(self, profile: Profile) -> None:
+        """Take idle power per clock from ``profile`` (needed to integrate energy: see :meth:`integrate`)."""
+        self._idle_w = np.asarray(profile.idle_power_w(profile.clocks_mhz.astype(np.float64)), dtype=np.float64)
+        self._f0, self._step = int(profile.clocks_mhz[0]), int(profile.config.gpu.clock_step_mhz)
+
+    def power_w(self, row: np.void, now_ns: int) -> float:
+        """Power of one GPU row at ``now_ns``: the posted load while it lasts, else idle at its clock."""
+        if now_ns < int(row["load_until_ns"]):
+            return float(row["load_w"])
+        if self._idle_w is None:
+            raise RuntimeError("SimNodeState.power_w: call set_idle_power(profile) first")
+        f = SimNodeState.clock_at(row, now_ns)
+        return float(self._idle_w[min(max(0, (f - self._f0) // self._step), self._idle_w.size - 1)])
+
+    def integrate(self, row: np.void, now_ns: int) -> None:
+        """Bring one GPU row's energy counter up to ``now_ns`` (call with the lock held)."""
+        t0 = int(row["energy_ns"])
+        if now_ns <= t0:
+            return
+        # power is constant between a clock switch and the end of a posted load: split there
+        cuts = sorted(t for t in (int(row["switch_at_ns"]), int(row["load_until_ns"])) if t0 < t < now_ns)
+        energy = 0.0
+        for t1 in (*cuts, now_ns):
+            energy += self.power_w(row, t1 - 1) * (t1 - t0) * 1e-9
+            t0 = t1
+        row["energy_j"] += energy
+        row["energy_ns"] = now_ns
+
     def set_load_w(self, gpus: list[int] | tuple[int, ...], power_w: float, duration_s: float) -> None:
-        """Post the busy power (W per GPU) of the iteration now running, drawn for ``duration_s``."""
-        until = time.monotonic_ns() + int(duration_s * 1e9)
+        """Post the busy power (W per GPU) of the iteration now running, drawn for ``duration_s``.
+
+        The energy drawn until now is integrated first (when the idle power is known,
+        :meth:`set_idle_power`), so the new load is not counted over the time before it.
+        """
+        now = time.monotonic_ns()
+        until = now + int(duration_s * 1e9)
         with self.lock():
             for g in gpus:
+                if self._idle_w is not None:
+                    self.integrate(self.rows[g], now)
                 self.rows[g]["load_w"] = power_w
                 self.rows[g]["load_until_ns"] = until
 
@@ -184,11 +221,10 @@ class SimBackend(ClockBackend):
         if not switch_delay_s >= 0 or not call_delay_s >= 0:
             raise ValueError(f"switch_delay_s = {switch_delay_s}, call_delay_s = {call_delay_s}: must be >= 0")
         self.clocks = tuple(int(f) for f in profile.clocks_mhz)
-        self._idle_w = np.asarray(profile.idle_power_w(profile.clocks_mhz.astype(np.float64)), dtype=np.float64)
-        self._f0, self._step = self.clocks[0], int(profile.config.gpu.clock_step_mhz)
         self.switch_delay_ns = int(switch_delay_s * 1e9)
         self.call_delay_s = call_delay_s
         self.state = SimNodeState(gpus, self.clocks[-1], state_file)
+        self.state.set_idle_power(profile)
         with self.state.lock():
             if float(self.state.rows["energy_j"].max()) == 0.0:
                 self.state.rows["energy_j"] = energy_offset_j
@@ -201,32 +237,13 @@ class SimBackend(ClockBackend):
             raise DeviceError(f"GPU {gpu}: no such GPU (the simulated node has {self.state.gpus})")
         return self.state.rows[gpu]
 
-    def _power(self, row: np.void, now_ns: int) -> float:
-        if now_ns < int(row["load_until_ns"]):
-            return float(row["load_w"])
-        f = SimNodeState.clock_at(row, now_ns)
-        return float(self._idle_w[min(max(0, (f - self._f0) // self._step), self._idle_w.size - 1)])
-
-    def _integrate(self, row: np.void, now_ns: int) -> None:
-        t0 = int(row["energy_ns"])
-        if now_ns <= t0:
-            return
-        # power is constant between a clock switch and the end of a posted load: split there
-        cuts = sorted(t for t in (int(row["switch_at_ns"]), int(row["load_until_ns"])) if t0 < t < now_ns)
-        energy = 0.0
-        for t1 in (*cuts, now_ns):
-            energy += self._power(row, t1 - 1) * (t1 - t0) * 1e-9
-            t0 = t1
-        row["energy_j"] += energy
-        row["energy_ns"] = now_ns
-
     def _switch(self, gpu: int, locked_mhz: int, target_mhz: int) -> None:
         if self.call_delay_s:
             time.sleep(self.call_delay_s)
         with self.state.lock():
             row = self._gpu(gpu)
             now = time.monotonic_ns()
-            self._integrate(row, now)
+            self.state.integrate(row, now)
             row["prev_mhz"] = self._uncapped(row, now)
             row["target_mhz"] = target_mhz
             row["switch_at_ns"] = now + self.switch_delay_ns
@@ -268,7 +285,7 @@ class SimBackend(ClockBackend):
 
     def power_w(self, gpu: int) -> float:
         with self.state.lock():
-            return self._power(self._gpu(gpu), time.monotonic_ns())
+            return self.state.power_w(self._gpu(gpu), time.monotonic_ns())
 
     def energy_counter_id(self, gpu: int) -> str:
         return f"{self.state.counter_id}:{gpu}"
@@ -276,5 +293,5 @@ class SimBackend(ClockBackend):
     def total_energy_j(self, gpu: int) -> float:
         with self.state.lock():
             row = self._gpu(gpu)
-            self._integrate(row, time.monotonic_ns())
+            self.state.integrate(row, time.monotonic_ns())
             return float(row["energy_j"])

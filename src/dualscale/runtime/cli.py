@@ -22,13 +22,24 @@ def add_parsers(sub: Any) -> None:
             "per-iteration reports (ZeroMQ PULL), decide each instance's next SM clock, send it to the\n"
             "node's actuator (ROUTER), heartbeat the actuators, publish the placement, export Prometheus\n"
             "metrics. Runs unprivileged. Stops on SIGTERM/SIGINT.\n\n"
-            "example: dualscale serve --config configs/runtime/example.toml --metrics-port 9400"
+            "--record FILE writes telemetry while it runs (JSON Lines, see dualscale/profile/telemetry.py):\n"
+            "every iteration whose clock is known (batch shape, measured time, clock read back) and power\n"
+            "windows at a fixed clock from the actuators' energy counters, rotated at --record-max-mb;\n"
+            "refit a profile from it with `dualscale profile fit --telemetry FILE`.\n\n"
+            "examples:\n"
+            "  dualscale serve --config configs/runtime/example.toml --metrics-port 9400\n"
+            "  dualscale serve --config deploy.toml --record /var/lib/dualscale/telemetry.jsonl"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--config", default="example", help="runtime config name or TOML path (default: %(default)s)")
     serve.add_argument("--metrics-port", type=int, help="serve /metrics on this port (0 = off; default: the config's)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    serve.add_argument("--record", metavar="FILE", help="write telemetry to FILE (appended; rotated to FILE.1 ...)")
+    serve.add_argument("--record-window-s", type=float, default=1.0,
+                       help="power window length, s (default: %(default)s; NVML power is a ~100 ms average)")
+    serve.add_argument("--record-max-mb", type=float, default=256.0,
+                       help="rotate the telemetry file at this size, MB; 3 rotated files are kept (default: %(default)s)")
 
     act = sub.add_parser(
         "actuator", help="run a node's clock actuator (the only privileged role)",
@@ -119,9 +130,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cs = msgspec.convert(msgspec.structs.asdict(cfg.controller) | {"metrics_port": args.metrics_port},
                              type(cfg.controller))
         cfg = msgspec.structs.replace(cfg, controller=cs)
-    daemon = ControllerDaemon(cfg)
-    _on_signals(daemon.stop)
-    daemon.run()
+    recorder = None
+    if args.record:
+        from dualscale.runtime.recorder import TelemetryRecorder
+
+        recorder = TelemetryRecorder(args.record, list(cfg.instances), cfg.profile, window_s=args.record_window_s,
+                                     max_bytes=int(args.record_max_mb * 2**20))
+    try:
+        daemon = ControllerDaemon(cfg, recorder=recorder)
+        _on_signals(daemon.stop)
+        daemon.run()
+    finally:
+        if recorder is not None:
+            recorder.close()
+            logging.getLogger("dualscale.runtime.daemon").info(
+                "recorded %d iterations and %d power windows to %s", recorder.iterations, recorder.windows, args.record)
     return 0
 
 

@@ -68,6 +68,7 @@ from dualscale.runtime.messages import (
 )
 from dualscale.runtime.metrics import DaemonMetrics, serve_metrics
 from dualscale.runtime.ratelog import RateLimitedLog
+from dualscale.runtime.recorder import TelemetryRecorder
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
 from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLIN, make_socket
 from dualscale.runtime.trust import read_trusted
@@ -192,10 +193,11 @@ class ControllerDaemon:
         profile: the latency/power profile (default: ``config.profile``).
         metrics: where metrics go (default: a fresh registry; served over HTTP if configured).
         ctx: ZeroMQ context (default: a new one, terminated by :meth:`run` on exit).
+        recorder: writes telemetry (``serve --record``); the caller closes it.
     """
 
     def __init__(self, config: RuntimeConfig, profile: Profile | None = None, metrics: DaemonMetrics | None = None,
-                 ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+                 ctx: zmq.Context[zmq.Socket[bytes]] | None = None, recorder: TelemetryRecorder | None = None) -> None:
         if not config.instances:
             raise ValueError("runtime config has no [[instances]]: nothing to control")
         self.config = config
@@ -244,6 +246,7 @@ class ControllerDaemon:
         #: frames dropped, by reason (mirrors the Prometheus counter, for tests and logs)
         self.dropped: dict[str, int] = {}
         self.decisions = 0
+        self.recorder = recorder
 
     def _slot(self, spec: InstanceSpec) -> _Slot:
         ctl: Any = make_controller(self.profile, self.config.control, self.config.slo, phase=spec.phase, tp=spec.tp,
@@ -418,6 +421,8 @@ class ControllerDaemon:
         if not self._take_route(node, route, st.epoch, now_s):
             return
         self._node_seen_s[node] = now_s
+        if self.recorder is not None:
+            self.recorder.status(st)
         m = self.metrics
         m.actuator_up.labels(node).set(1)
         m.deadman_resets.labels(node).set(st.deadman_resets)
@@ -447,6 +452,8 @@ class ControllerDaemon:
         # the engine reads the clock at each iteration's start: the same reading at its end means
         # it ran at that clock throughout; otherwise (a switch landed mid-iteration) nothing is learnt
         freq = r.freq_mhz if r.freq_mhz == slot.decided_freq_mhz else 0
+        if self.recorder is not None:
+            self.recorder.iteration(slot.spec.name, r, freq)
         ctl, cor = slot.ctl, slot.ctl.correction
         seen, triggers = cor.observations, cor.triggers
         ctl.observe(r.iteration_s, freq, self._instance_power_w(slot))
@@ -557,6 +564,8 @@ class ControllerDaemon:
             slot.pending = None
             self._feedback(slot, r)
             slot.decided_epoch, slot.decided_seq, slot.decided_freq_mhz = r.epoch, r.seq, r.freq_mhz
+            if self.recorder is not None:
+                self.recorder.decided(slot.spec.name, r)
             try:
                 d = slot.decide(slot.ctl, r)
             except ValueError as e:  # bad array lengths or contents: the controller names the field

@@ -147,6 +147,8 @@ def emulate(config: RuntimeConfig, prefill: str, decode: str, *, state_file: str
         cluster=Cluster(gpus=p_spec.tp + d_spec.tp, clock_switch_delay_s=0.0), truth=truth or Truth())
     requests = build_trace(scenario.trace)
     node = SimNodeState.attach(state_file) if state_file else None
+    if node is not None:
+        node.set_idle_power(profile)  # integrate energy up to each posted load (see SimNodeState.set_load_w)
     address = report_address or config.controller.report_address
     pacer = _Pacer(speed)
     keys = config.security.keys_dir if config.security.mechanism == "curve" else None
