@@ -250,9 +250,9 @@ def test_nvml_actuator_process_on_the_simulated_nvml(tmp_path: Path, monkeypatch
 BIAS = 0.2
 
 
-def test_the_daemon_learns_a_biased_truth(tmp_path: Path, processes):
-    """Emulated engines on GPUs 20 % slower than the profile; the daemon learns it from the reports'
-    measured iteration times (prediction error before and after, from metrics)."""
+def pair_config(tmp_path: Path) -> tuple[Path, Path, int]:
+    """A runtime config of one prefill and one decode instance (TP2) on a simulated 4-GPU node, with
+    CURVE keys: (its path, the node's state file, the metrics port)."""
     state = tmp_path / "node.state"
     port = free_port()
     keys = make_keys(tmp_path / "keys", instances=["p0", "d0"])
@@ -268,6 +268,13 @@ def test_the_daemon_learns_a_biased_truth(tmp_path: Path, processes):
     }
     path = tmp_path / "runtime.toml"
     path.write_bytes(tomli_w.dumps(cfg).encode())
+    return path, state, port
+
+
+def test_the_daemon_learns_a_biased_truth(tmp_path: Path, processes):
+    """Emulated engines on GPUs 20 % slower than the profile; the daemon learns it from the reports'
+    measured iteration times (prediction error before and after, from metrics)."""
+    path, state, port = pair_config(tmp_path)
     procs, start = processes.procs, processes.start
 
     try:
@@ -303,21 +310,7 @@ def test_the_daemon_learns_a_biased_truth(tmp_path: Path, processes):
 def test_shadow_mode_decides_and_accounts_but_never_locks(tmp_path: Path, processes):
     """`actuator --observe`: the emulated engines run at the GPUs' own (top) clock; the daemon decides,
     learns and exports what it would have saved; no GPU is ever locked."""
-    state = tmp_path / "node.state"
-    port = free_port()
-    keys = make_keys(tmp_path / "keys", instances=["p0", "d0"])
-    cfg = {
-        "format": 1,
-        "security": {"mechanism": "curve", "keys_dir": str(keys)},
-        "instances": [{"name": "p0", "phase": "prefill", "tp": 2, "gpus": [0, 1]},
-                      {"name": "d0", "phase": "decode", "tp": 2, "gpus": [2, 3]}],
-        "controller": {"report_address": f"ipc://{tmp_path}/r", "actuator_address": f"ipc://{tmp_path}/a",
-                       "heartbeat_s": 0.1, "metrics_port": port},
-        "actuator": {"controller_address": f"ipc://{tmp_path}/a", "deadman_s": 2.0, "status_period_s": 0.1,
-                     "sim": {"gpus": 4, "switch_delay_s": 0.02, "state_file": str(state)}},
-    }
-    path = tmp_path / "runtime.toml"
-    path.write_bytes(tomli_w.dumps(cfg).encode())
+    path, state, port = pair_config(tmp_path)
     procs, start = processes.procs, processes.start
     try:
         actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim",
