@@ -57,6 +57,38 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--decode-batch", type=int, default=32, help="requests in the decode batch (default: 32)")
     show.add_argument("--decode-context", type=int, default=1024, help="context tokens per decode request (default: 1024)")
 
+    sweep = psub.add_parser(
+        "sweep", help="record telemetry of your own node over a grid of locked clocks, for `profile fit`",
+        description=(
+            "Take the controller's place (same runtime config, key and sockets as `dualscale serve`; run it\n"
+            "instead of serve, unprivileged) and lock every instance at each clock of a grid in turn, holding\n"
+            "each for --dwell-s while load runs through the engines (your own benchmark client, or --load-url\n"
+            "for the built-in generator against an OpenAI-compatible endpoint). Every iteration the engines\n"
+            "report (batch shape, measured time, clock read back) and the actuators' power windows are recorded\n"
+            "to --out, as `serve --record` does; then `dualscale profile fit --telemetry OUT`. Shows progress\n"
+            "and the time left; Ctrl-C stops it, and --resume continues with the clocks not yet done.\n\n"
+            "examples:\n"
+            "  dualscale profile sweep --config deploy.toml --out node3.jsonl --steps 8 --dwell-s 60 \\\n"
+            "      --load-url http://127.0.0.1:8000/v1/completions --load-model meta-llama/Llama-3.3-70B-Instruct\n"
+            "  dualscale profile sweep --config deploy.toml --out node3.jsonl --steps 8 --dwell-s 60 --resume\n"
+            "  dualscale profile fit --telemetry node3.jsonl --base h100-sxm-llama-3.3-70b --out node3.toml"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("--config", default="example", help="runtime config name or TOML path (default: %(default)s)")
+    sweep.add_argument("--out", type=Path, required=True, metavar="FILE", help="telemetry to write (JSON Lines)")
+    grid = sweep.add_mutually_exclusive_group()
+    grid.add_argument("--clocks-mhz", type=int, nargs="+", metavar="MHZ", help="the clocks to hold, in this order")
+    grid.add_argument("--steps", type=int, default=8,
+                      help="clocks spread evenly over the GPU's range, ends included (default: %(default)s)")
+    sweep.add_argument("--dwell-s", type=float, default=60.0, help="how long each clock is held (default: %(default)s)")
+    sweep.add_argument("--window-s", type=float, default=1.0, help="power window length, s (default: %(default)s)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep into the same --out")
+    sweep.add_argument("--load-url", help="send load to this OpenAI-compatible completions endpoint while sweeping")
+    sweep.add_argument("--load-model", default="", help="the model name for --load-url")
+    sweep.add_argument("--load-rate", type=float, default=2.0, help="requests/s for --load-url (default: %(default)s)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+
     fit = psub.add_parser(
         "fit", help="calibrate a profile from telemetry, or rebuild the built-in one from public data",
         description=(
@@ -549,7 +581,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {("profile", "show"): _cmd_show, ("profile", "fit"): _cmd_fit, ("profile", "derive"): _cmd_derive,
-                ("profile", "validate"): _cmd_validate,
+                ("profile", "validate"): _cmd_validate, ("profile", "sweep"): runtime_cli.cmd_sweep,
                 ("simulate", None): _cmd_simulate, ("plan", None): _cmd_plan, ("evaluate", None): _cmd_evaluate,
                 **runtime_cli.HANDLERS}
     try:

@@ -148,6 +148,59 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``dualscale profile sweep`` (its options are in dualscale.cli)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dualscale.profile import Profile
+    from dualscale.runtime.config import load_runtime_config
+    from dualscale.runtime.loadgen import LoadGenerator
+    from dualscale.runtime.recorder import TelemetryRecorder
+    from dualscale.runtime.sweep import SweepDaemon, grid_mhz, load_state
+
+    _logging("warning" if not args.quiet else "error")
+    cfg = load_runtime_config(args.config)
+    profile = Profile.load(cfg.profile)
+    clocks = args.clocks_mhz or grid_mhz(profile, args.steps)
+    bad = [f for f in clocks if f not in set(profile.clocks_mhz.tolist())]
+    if bad:
+        raise ValueError(f"--clocks-mhz: {bad[0]} is not a supported clock of {profile.name!r} "
+                         f"({profile.clocks_mhz[0]}..{profile.clocks_mhz[-1]} MHz in steps of "
+                         f"{profile.config.gpu.clock_step_mhz})")
+    if not args.dwell_s > 0:
+        raise ValueError(f"--dwell-s = {args.dwell_s}: must be > 0")
+    state = load_state(args.out, clocks, args.dwell_s, args.resume)
+    load = LoadGenerator(args.load_url, args.load_model, args.load_rate) if args.load_url else None
+    recorder = TelemetryRecorder(str(args.out), list(cfg.instances), cfg.profile, window_s=args.window_s,
+                                 source="sweep")
+    total_s = len([f for f in state.clocks_mhz if f not in state.done_mhz]) * args.dwell_s
+    with Progress(TextColumn("sweep {task.fields[clock]}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), disable=args.quiet, transient=True) as bar:
+        task = bar.add_task("sweep", total=total_s, clock="", info="")
+
+        def progress(freq_mhz: int | None, left_s: float) -> None:
+            bar.update(task, completed=total_s - left_s, clock=f"{freq_mhz} MHz" if freq_mhz else "done",
+                       info=f"{recorder.iterations} iterations, {recorder.windows} power windows")
+
+        daemon = None
+        try:
+            daemon = SweepDaemon(cfg, state, args.out, recorder, progress=progress)
+            _on_signals(daemon.stop)
+            if load is not None:
+                load.start()
+            daemon.run()
+        finally:
+            if load is not None:
+                load.stop()
+            recorder.close()
+    done = daemon is not None and daemon.finished
+    print(f"{'sweep done' if done else 'sweep interrupted'}: {len(state.done_mhz)} of {len(state.clocks_mhz)} clocks, "
+          f"{recorder.iterations} iterations and {recorder.windows} power windows in {args.out}"
+          + ("" if done else "; continue with --resume")
+          + (f"; load: {load.stats.ok} ok, {load.stats.failed} failed" if load is not None else ""))
+    return 0 if done else 1
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     import sys
 

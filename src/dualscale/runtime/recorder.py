@@ -75,7 +75,7 @@ class TelemetryRecorder:
     """
 
     def __init__(self, path: str, instances: list[InstanceSpec], profile: str, window_s: float = WINDOW_S,
-                 max_bytes: int = 256 * 2**20, keep: int = 3) -> None:
+                 max_bytes: int = 256 * 2**20, keep: int = 3, source: str = "serve") -> None:
         if not window_s > 0:
             raise ValueError(f"window_s = {window_s}: must be > 0")
         self.window_ns = int(window_s * 1e9)
@@ -85,7 +85,7 @@ class TelemetryRecorder:
         for st in self.states.values():
             self.by_node.setdefault(st.spec.node, []).append(st)
         self.writer = Writer(path, [Header(version=0, instance=s.name, phase=s.phase, tp=s.tp, gpus=list(s.gpus),
-                                           profile=profile, source="serve", node=s.node,
+                                           profile=profile, source=source, node=s.node,
                                            started_unix_s=time.time()) for s in instances],
                              max_bytes=max_bytes, keep=keep)
         self.iterations = 0
