@@ -189,6 +189,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if load is not None:
                 load.start()
             daemon.run()
+        except BaseException:
+            if not args.resume and not state.done_mhz and recorder.iterations == 0:
+                recorder.close()
+                args.out.unlink(missing_ok=True)  # a failed start leaves no file for --resume to trip on
+            raise
         finally:
             if load is not None:
                 load.stop()
