@@ -91,18 +91,26 @@ def recovery_mape(truth: Profile, fitted: Profile, tel: T.Telemetry, n: int = 30
     return out
 
 
-def test_serve_record_under_dvfs_recovers_the_truth(tmp_path: Path, processes):
+def truth_node(tmp_path: Path, processes) -> tuple[Profile, Path, Path, Path, subprocess.Popen]:  # type: ignore[no-untyped-def]
+    """A simulated node whose GPUs (and the emulated engine on it) follow a hidden truth profile:
+    (the truth, its runtime config, a config of the same deployment believing the base profile, the
+    node's state file, the running sim actuator)."""
     truth_cfg = perturbed(Profile.load(BASE).config, seed=1)
-    truth = Profile(truth_cfg)
     (tmp_path / "truth.toml").write_bytes(to_toml(truth_cfg))
     state = tmp_path / "node.state"
-    truth_rt, serve_rt = tmp_path / "truth-rt.toml", tmp_path / "serve-rt.toml"
+    truth_rt, base_rt = tmp_path / "truth-rt.toml", tmp_path / "base-rt.toml"
     truth_rt.write_bytes(tomli_w.dumps(runtime_config(tmp_path, str(tmp_path / "truth.toml"), state)).encode())
-    serve_rt.write_bytes(tomli_w.dumps(runtime_config(tmp_path, BASE, state)).encode())
+    base_rt.write_bytes(tomli_w.dumps(runtime_config(tmp_path, BASE, state)).encode())
+    actuator = processes.start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(truth_rt),
+                               "--backend", "sim")
+    wait_until("the simulated node", state.exists, 90, [actuator])
+    return Profile(truth_cfg), truth_rt, base_rt, state, actuator
+
+
+def test_serve_record_under_dvfs_recovers_the_truth(tmp_path: Path, processes):
+    truth, truth_rt, serve_rt, state, actuator = truth_node(tmp_path, processes)
     record = tmp_path / "rec.jsonl"
     start = processes.start
-    actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(truth_rt), "--backend", "sim")
-    wait_until("the simulated node", state.exists, 90, [actuator])
     serve = start("serve", "-m", "dualscale.cli", "serve", "--config", str(serve_rt), "--record", str(record),
                   "--record-window-s", "0.5")
     wait_until("the telemetry headers", lambda: record.exists() and record.stat().st_size > 0, 90, [serve])

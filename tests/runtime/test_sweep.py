@@ -12,15 +12,12 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-import tomli_w
-from test_record_e2e import BASE, recovery_mape, runtime_config, wait_until
+from test_record_e2e import BASE, recovery_mape, truth_node, wait_until
 
 from dualscale.errors import ConfigError
 from dualscale.profile import Profile
 from dualscale.profile import telemetry as T
-from dualscale.profile.fit import to_toml
 from dualscale.profile.fit_telemetry import fit_telemetry
-from dualscale.profile.perturb import perturbed
 from dualscale.runtime.loadgen import LoadGenerator
 from dualscale.runtime.recorder import TelemetryRecorder
 from dualscale.runtime.sweep import SweepDaemon, grid_mhz, load_state, state_path
@@ -114,17 +111,9 @@ SWEEP_MHZ = [str(f) for f in range(600, 1951, 150)]  # 10 clocks
 
 
 def test_sweep_recovers_the_truth(tmp_path: Path, processes):
-    truth_cfg = perturbed(Profile.load(BASE).config, seed=1)
-    truth = Profile(truth_cfg)
-    (tmp_path / "truth.toml").write_bytes(to_toml(truth_cfg))
-    state = tmp_path / "node.state"
-    truth_rt, sweep_rt = tmp_path / "truth-rt.toml", tmp_path / "sweep-rt.toml"
-    truth_rt.write_bytes(tomli_w.dumps(runtime_config(tmp_path, str(tmp_path / "truth.toml"), state)).encode())
-    sweep_rt.write_bytes(tomli_w.dumps(runtime_config(tmp_path, BASE, state)).encode())
+    truth, truth_rt, sweep_rt, state, actuator = truth_node(tmp_path, processes)
     out = tmp_path / "sweep.jsonl"
     start = processes.start
-    actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(truth_rt), "--backend", "sim")
-    wait_until("the simulated node", state.exists, 90, [actuator])
     sweep = start("sweep", "-m", "dualscale.cli", "profile", "sweep", "--config", str(sweep_rt), "--out", str(out),
                   "--clocks-mhz", *SWEEP_MHZ, "--dwell-s", "3", "--window-s", "0.5", "--quiet")
     wait_until("the telemetry headers", lambda: out.exists() and out.stat().st_size > 0, 90, [sweep])
