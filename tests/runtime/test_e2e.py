@@ -80,98 +80,92 @@ def test_end_to_end_decisions_clocks_energy_deadman_garbage_restart(tmp_path: Pa
     def log_of(name: str) -> str:
         return (tmp_path / f"{name}.log").read_text()
 
+    actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim")
+    wait_for("the actuator's simulated node", state.exists, procs=[actuator])
+    port = cfg["controller"]["metrics_port"]
+    controller = serve(port)
+    for i, (p, d) in enumerate((("p0", "d0"), ("p1", "d1"))):
+        start(f"worker-{i}", "-m", "dualscale.runtime.emulate", "--config", str(path), "--prefill", p,
+              "--decode", d, "--state-file", str(state), "--rate", "4", "--duration", "600", "--seed", str(i))
+    node = SimNodeState.attach(state)
+
+    def all_locked() -> bool:
+        return all(r > 0 for r in node.snapshot()["locked_mhz"])
+
+    # 1. decisions flow for every instance, clocks reach the GPUs, energy is metered per phase
+    def flowing(port: int, at_least: float) -> Callable[[], bool]:
+        def check() -> bool:
+            m = scrape(port)
+            return all(total(m, "dualscale_decisions_total", instance=n) >= at_least for n, _, _ in INSTANCES)
+        return check
+
+    wait_for("decisions for every instance", flowing(port, 5), procs=procs)
+    wait_for("every GPU locked", all_locked, procs=procs)
+    snap = node.snapshot()
+    assert set(snap["locked_mhz"]) <= set(range(345, 1981, 15))
+    wait_for("a clock read back equal to its lock", lambda: any(
+        total(scrape(port), "dualscale_gpu_clock_mhz", gpu=str(g)) == r["locked_mhz"]
+        for g, r in enumerate(node.snapshot())), procs=procs)
+    wait_for("energy in both phases", lambda: all(
+        total(scrape(port), "dualscale_energy_joules_total", phase=ph) > 0 for ph in ("prefill", "decode")),
+        procs=procs)
+
+    # 2. garbage on both sockets, from peers holding keys, is survived and counted; peers without
+    #    a key are refused at the handshake
+    ctx = zmq.Context()
     try:
-        actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim")
-        wait_for("the actuator's simulated node", state.exists, procs=[actuator])
-        port = cfg["controller"]["metrics_port"]
-        controller = serve(port)
-        for i, (p, d) in enumerate((("p0", "d0"), ("p1", "d1"))):
-            start(f"worker-{i}", "-m", "dualscale.runtime.emulate", "--config", str(path), "--prefill", p,
-                  "--decode", d, "--state-file", str(state), "--rate", "4", "--duration", "600", "--seed", str(i))
-        node = SimNodeState.attach(state)
-
-        def all_locked() -> bool:
-            return all(r > 0 for r in node.snapshot()["locked_mhz"])
-
-        # 1. decisions flow for every instance, clocks reach the GPUs, energy is metered per phase
-        def flowing(port: int, at_least: float) -> Callable[[], bool]:
-            def check() -> bool:
-                m = scrape(port)
-                return all(total(m, "dualscale_decisions_total", instance=n) >= at_least for n, _, _ in INSTANCES)
-            return check
-
-        wait_for("decisions for every instance", flowing(port, 5), procs=procs)
-        wait_for("every GPU locked", all_locked, procs=procs)
-        snap = node.snapshot()
-        assert set(snap["locked_mhz"]) <= set(range(345, 1981, 15))
-        wait_for("a clock read back equal to its lock", lambda: any(
-            total(scrape(port), "dualscale_gpu_clock_mhz", gpu=str(g)) == r["locked_mhz"]
-            for g, r in enumerate(node.snapshot())), procs=procs)
-        wait_for("energy in both phases", lambda: all(
-            total(scrape(port), "dualscale_energy_joules_total", phase=ph) > 0 for ph in ("prefill", "decode")),
-            procs=procs)
-
-        # 2. garbage on both sockets, from peers holding keys, is survived and counted; peers without
-        #    a key are refused at the handshake
-        ctx = zmq.Context()
-        try:
-            push = ctx.socket(zmq.PUSH)
-            Security("curve", keys, "engine-p0").client(push)
-            push.connect(cfg["controller"]["report_address"])
-            rogue = ctx.socket(zmq.DEALER)
-            Security("curve", keys, "engine-d0").client(rogue)  # an engine's key on the actuator socket
-            rogue.connect(cfg["controller"]["actuator_address"])
-            anon = ctx.socket(zmq.PUSH)
-            anon.setsockopt(zmq.LINGER, 0)
-            anon.curve_serverkey = Security("curve", keys, "engine-p0").server_public
-            anon.curve_publickey, anon.curve_secretkey = zmq.curve_keypair()  # a key nobody listed
-            anon.connect(cfg["controller"]["report_address"])
-            anon.send(b"\x01\x02")
-            for frame in (b"\x00garbage", os.urandom(64), b"\x01\x02\xc1", b"\x01\x63" + os.urandom(8), b""):
-                push.send(frame)
-                rogue.send(frame)
-            before = total(scrape(port), "dualscale_decisions_total")
-            wait_for("drops counted", lambda: total(scrape(port), "dualscale_dropped_messages_total") >= 5,
-                     procs=procs)
-            wait_for("unknown keys refused", lambda: total(scrape(port), "dualscale_auth_denied") >= 2, procs=procs)
-            wait_for("decisions continuing", lambda: total(scrape(port), "dualscale_decisions_total") > before + 20,
-                     procs=procs)
-            push.close(0)
-            rogue.close(0)
-            anon.close(0)
-        finally:
-            ctx.term()
-
-        # 3. a controller crash: the actuator's dead-man switch resets every GPU
-        assert all_locked()
-        controller.send_signal(signal.SIGKILL)
-        controller.wait(30)
-        procs.remove(controller)
-        t_kill = time.monotonic()
-        wait_for("the dead-man reset", lambda: not any(node.snapshot()["locked_mhz"]), timeout_s=60, procs=[actuator])
-        reset_after_s = time.monotonic() - t_kill
-        assert "dead-man" in log_of("actuator")
-        # never early: not before the controller has been silent for deadman_s (one heartbeat of slack)
-        assert reset_after_s >= DEADMAN_S - 0.1 - 0.05
-        print(f"dead-man reset {reset_after_s:.2f} s after the controller was killed (dead-man {DEADMAN_S} s)")
-
-        # 4. a restarted controller recovers: workers reconnect, clocks are locked again
-        port2 = free_port()
-        serve(port2)
-        wait_for("decisions after the restart", flowing(port2, 5), procs=procs)
-        wait_for("every GPU locked again", all_locked, procs=procs)
-
-        # 5. SIGTERM: the actuator resets every GPU and exits cleanly
-        actuator.send_signal(signal.SIGTERM)
-        assert actuator.wait(60) == 0
-        assert not any(node.snapshot()["locked_mhz"])
-        assert "clocks reset" in log_of("actuator")
-        node.close()
+        push = ctx.socket(zmq.PUSH)
+        Security("curve", keys, "engine-p0").client(push)
+        push.connect(cfg["controller"]["report_address"])
+        rogue = ctx.socket(zmq.DEALER)
+        Security("curve", keys, "engine-d0").client(rogue)  # an engine's key on the actuator socket
+        rogue.connect(cfg["controller"]["actuator_address"])
+        anon = ctx.socket(zmq.PUSH)
+        anon.setsockopt(zmq.LINGER, 0)
+        anon.curve_serverkey = Security("curve", keys, "engine-p0").server_public
+        anon.curve_publickey, anon.curve_secretkey = zmq.curve_keypair()  # a key nobody listed
+        anon.connect(cfg["controller"]["report_address"])
+        anon.send(b"\x01\x02")
+        for frame in (b"\x00garbage", os.urandom(64), b"\x01\x02\xc1", b"\x01\x63" + os.urandom(8), b""):
+            push.send(frame)
+            rogue.send(frame)
+        before = total(scrape(port), "dualscale_decisions_total")
+        wait_for("drops counted", lambda: total(scrape(port), "dualscale_dropped_messages_total") >= 5,
+                 procs=procs)
+        wait_for("unknown keys refused", lambda: total(scrape(port), "dualscale_auth_denied") >= 2, procs=procs)
+        wait_for("decisions continuing", lambda: total(scrape(port), "dualscale_decisions_total") > before + 20,
+                 procs=procs)
+        push.close(0)
+        rogue.close(0)
+        anon.close(0)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(30)
+        ctx.term()
+
+    # 3. a controller crash: the actuator's dead-man switch resets every GPU
+    assert all_locked()
+    controller.send_signal(signal.SIGKILL)
+    controller.wait(30)
+    procs.remove(controller)
+    t_kill = time.monotonic()
+    wait_for("the dead-man reset", lambda: not any(node.snapshot()["locked_mhz"]), timeout_s=60, procs=[actuator])
+    reset_after_s = time.monotonic() - t_kill
+    assert "dead-man" in log_of("actuator")
+    # never early: not before the controller has been silent for deadman_s (one heartbeat of slack)
+    assert reset_after_s >= DEADMAN_S - 0.1 - 0.05
+    print(f"dead-man reset {reset_after_s:.2f} s after the controller was killed (dead-man {DEADMAN_S} s)")
+
+    # 4. a restarted controller recovers: workers reconnect, clocks are locked again
+    port2 = free_port()
+    serve(port2)
+    wait_for("decisions after the restart", flowing(port2, 5), procs=procs)
+    wait_for("every GPU locked again", all_locked, procs=procs)
+
+    # 5. SIGTERM: the actuator resets every GPU and exits cleanly
+    actuator.send_signal(signal.SIGTERM)
+    assert actuator.wait(60) == 0
+    assert not any(node.snapshot()["locked_mhz"])
+    assert "clocks reset" in log_of("actuator")
+    node.close()
 
 
 def test_nvml_actuator_process_on_the_simulated_nvml(tmp_path: Path, monkeypatch):
@@ -277,34 +271,28 @@ def test_the_daemon_learns_a_biased_truth(tmp_path: Path, processes):
     path, state, port = pair_config(tmp_path)
     procs, start = processes.procs, processes.start
 
-    try:
-        actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim")
-        wait_for("the actuator's simulated node", state.exists, procs=[actuator])
-        start("serve", "-m", "dualscale.cli", "serve", "--config", str(path), "--metrics-port", str(port))
-        start("worker", "-m", "dualscale.runtime.emulate", "--config", str(path), "--prefill", "p0", "--decode", "d0",
-              "--state-file", str(state), "--rate", "3", "--duration", "600", "--latency-bias", str(BIAS))
+    actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim")
+    wait_for("the actuator's simulated node", state.exists, procs=[actuator])
+    start("serve", "-m", "dualscale.cli", "serve", "--config", str(path), "--metrics-port", str(port))
+    start("worker", "-m", "dualscale.runtime.emulate", "--config", str(path), "--prefill", "p0", "--decode", "d0",
+          "--state-file", str(state), "--rate", "3", "--duration", "600", "--latency-bias", str(BIAS))
 
-        def learnt(instance: str, n: int):
-            return lambda: total(scrape(port), "dualscale_feedback_iterations_total", instance=instance) >= n
+    def learnt(instance: str, n: int):
+        return lambda: total(scrape(port), "dualscale_feedback_iterations_total", instance=instance) >= n
 
-        wait_for("decode feedback", learnt("d0", 40), timeout_s=120, procs=procs)
-        wait_for("prefill feedback", learnt("p0", 10), timeout_s=120, procs=procs)
-        m = scrape(port)
-        for inst in ("p0", "d0"):
-            before = total(m, "dualscale_prediction_error_ratio", instance=inst, basis="model")
-            after = total(m, "dualscale_prediction_error_ratio", instance=inst, basis="corrected")
-            factor = total(m, "dualscale_latency_correction_ratio", instance=inst)
-            print(f"{inst}: profile error {before:+.3f}, corrected error {after:+.3f}, factor {factor:.3f}")
-            # the profile alone under-predicts by the bias; corrected, the prediction is on the safe
-            # side (the factor carries 2 sd of the recent spread) and close to the truth
-            assert abs(before - BIAS) < 0.01
-            assert -0.1 < after <= 0.005
-            assert 1.0 + BIAS <= factor < 1.0 + BIAS + 0.1
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(30)
+    wait_for("decode feedback", learnt("d0", 40), timeout_s=120, procs=procs)
+    wait_for("prefill feedback", learnt("p0", 10), timeout_s=120, procs=procs)
+    m = scrape(port)
+    for inst in ("p0", "d0"):
+        before = total(m, "dualscale_prediction_error_ratio", instance=inst, basis="model")
+        after = total(m, "dualscale_prediction_error_ratio", instance=inst, basis="corrected")
+        factor = total(m, "dualscale_latency_correction_ratio", instance=inst)
+        print(f"{inst}: profile error {before:+.3f}, corrected error {after:+.3f}, factor {factor:.3f}")
+        # the profile alone under-predicts by the bias; corrected, the prediction is on the safe
+        # side (the factor carries 2 sd of the recent spread) and close to the truth
+        assert abs(before - BIAS) < 0.01
+        assert -0.1 < after <= 0.005
+        assert 1.0 + BIAS <= factor < 1.0 + BIAS + 0.1
 
 
 def test_shadow_mode_decides_and_accounts_but_never_locks(tmp_path: Path, processes):
@@ -312,32 +300,26 @@ def test_shadow_mode_decides_and_accounts_but_never_locks(tmp_path: Path, proces
     learns and exports what it would have saved; no GPU is ever locked."""
     path, state, port = pair_config(tmp_path)
     procs, start = processes.procs, processes.start
-    try:
-        actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim",
-                         "--observe")
-        wait_for("the actuator's simulated node", state.exists, procs=[actuator])
-        start("serve", "-m", "dualscale.cli", "serve", "--config", str(path), "--metrics-port", str(port))
-        start("worker", "-m", "dualscale.runtime.emulate", "--config", str(path), "--prefill", "p0", "--decode", "d0",
-              "--state-file", str(state), "--rate", "3", "--duration", "600")
-        node = SimNodeState.attach(state)
+    actuator = start("actuator", "-m", "dualscale.cli", "actuator", "--config", str(path), "--backend", "sim",
+                     "--observe")
+    wait_for("the actuator's simulated node", state.exists, procs=[actuator])
+    start("serve", "-m", "dualscale.cli", "serve", "--config", str(path), "--metrics-port", str(port))
+    start("worker", "-m", "dualscale.runtime.emulate", "--config", str(path), "--prefill", "p0", "--decode", "d0",
+          "--state-file", str(state), "--rate", "3", "--duration", "600")
+    node = SimNodeState.attach(state)
 
-        def accounted() -> bool:
-            m = scrape(port)
-            return all(total(m, "dualscale_feedback_iterations_total", instance=i) >= 5
-                       and total(m, "dualscale_instance_energy_joules_total", instance=i) > 0 for i in ("p0", "d0"))
-
-        wait_for("decisions, feedback and measured energy for both instances", accounted, timeout_s=120, procs=procs)
+    def accounted() -> bool:
         m = scrape(port)
-        for inst in ("p0", "d0"):
-            decided = total(m, "dualscale_predicted_energy_joules_total", instance=inst, plan="decided")
-            top = total(m, "dualscale_predicted_energy_joules_total", instance=inst, plan="top")
-            assert 0 < decided <= top
-            if inst == "d0":
-                assert decided < top  # fresh decode batches leave slack: it would have saved
-        assert not any(node.snapshot()["locked_mhz"])  # never locked, whatever was decided
-        node.close()
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(30)
+        return all(total(m, "dualscale_feedback_iterations_total", instance=i) >= 5
+                   and total(m, "dualscale_instance_energy_joules_total", instance=i) > 0 for i in ("p0", "d0"))
+
+    wait_for("decisions, feedback and measured energy for both instances", accounted, timeout_s=120, procs=procs)
+    m = scrape(port)
+    for inst in ("p0", "d0"):
+        decided = total(m, "dualscale_predicted_energy_joules_total", instance=inst, plan="decided")
+        top = total(m, "dualscale_predicted_energy_joules_total", instance=inst, plan="top")
+        assert 0 < decided <= top
+        if inst == "d0":
+            assert decided < top  # fresh decode batches leave slack: it would have saved
+    assert not any(node.snapshot()["locked_mhz"])  # never locked, whatever was decided
+    node.close()

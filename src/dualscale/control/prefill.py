@@ -120,8 +120,10 @@ class PrefillController(Learner):
         self._table = np.ascontiguousarray(profile.clock_table("prefill", tp, self.clocks_mhz))
         self._init_learning(profile.coefficients("prefill", tp), self.clocks_mhz, online_correction, Z)
         self.switch_delay_s = v.finite("switch_delay_s", switch_delay_s, 0.0)
-        # the clock the GPUs are at (column of the set) and until when the last batch was planned to run
-        self._clock_j = int(np.searchsorted(self.clocks_mhz, self.idle_freq_mhz))
+        # the clock the GPUs are at (column of the set) and until when the last batch was planned to run;
+        # the idle clock's column (the nearest of the set above it when the set lacks it)
+        self._idle_j = min(int(np.searchsorted(self.clocks_mhz, self.idle_freq_mhz)), self.clocks_mhz.size - 1)
+        self._clock_j = self._idle_j
         self._busy_until_s = -np.inf
         self._model_row0 = np.empty((2, self.clocks_mhz.size))  # batch 1's time and energy before the charge
         self._params = np.zeros(mpc.N_PARAMS)
@@ -269,9 +271,7 @@ class PrefillController(Learner):
         ~d to a slow start the plan never saw (measured: most of the P99 TTFT excess over
         DistServe at +10 % model error)."""
         d = self.switch_delay_s
-        j = self._clock_j if now_s <= self._busy_until_s + 2.0 * d else int(
-            np.searchsorted(self.clocks_mhz, self.idle_freq_mhz))
-        j = min(j, self.clocks_mhz.size - 1)
+        j = self._clock_j if now_s <= self._busy_until_s + 2.0 * d else self._idle_j
         t = self._tables[mpc.TB_TIME_S, 0]
         e = self._tables[mpc.TB_ENERGY_J, 0]
         self._model_row0[0] = t

@@ -189,15 +189,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if load is not None:
                 load.start()
             daemon.run()
-        except BaseException:
-            if not args.resume and not state.done_mhz and recorder.iterations == 0:
-                recorder.close()
-                args.out.unlink(missing_ok=True)  # a failed start leaves no file for --resume to trip on
-            raise
         finally:
             if load is not None:
                 load.stop()
             recorder.close()
+            if not args.resume and not state.done_mhz and recorder.iterations == 0:
+                args.out.unlink(missing_ok=True)  # nothing recorded: no file for --resume to trip on
     done = daemon is not None and daemon.finished
     print(f"{'sweep done' if done else 'sweep interrupted'}: {len(state.done_mhz)} of {len(state.clocks_mhz)} clocks, "
           f"{recorder.iterations} iterations and {recorder.windows} power windows in {args.out}"

@@ -143,7 +143,7 @@ class _Slot:
     """Per-instance state: its controller, report ordering and the newest undecided report."""
 
     __slots__ = ("spec", "phase", "node_id", "gpus", "ctl", "decide", "epoch", "last_seq", "pending",
-                 "recv_ns", "seq", "decided_epoch", "decided_seq", "decided_freq_mhz", "m_decisions", "m_latency",
+                 "recv_ns", "seq", "decided_report", "m_decisions", "m_latency",
                  "m_clock", "m_infeasible", "m_correction", "m_error_model", "m_error_corrected", "m_feedback",
                  "m_safety", "user", "heard_s", "last_cmd", "decided", "m_shadow_plan", "m_shadow_top",
                  "m_predicted_misses", "m_energy")
@@ -162,9 +162,7 @@ class _Slot:
         self.recv_ns = 0
         self.seq = 0
         # the report last decided on: the next report's iteration_s measures the iteration it ran
-        self.decided_epoch = -1
-        self.decided_seq = -1
-        self.decided_freq_mhz = 0
+        self.decided_report: Any = None
         self.user = engine_name(spec.name)  # the key name allowed to report for this instance
         self.heard_s = 0.0  # monotonic time of the last report taken
         self.last_cmd: ClockCommand | None = None  # re-sent to an actuator that (re)connects
@@ -447,11 +445,12 @@ class ControllerDaemon:
     def _feedback(self, slot: _Slot, r: Any) -> None:
         """Tell the controller what the iteration it last decided on measured, when ``r`` (the next
         report of the same agent) describes exactly that iteration."""
-        if r.epoch != slot.decided_epoch or r.seq != slot.decided_seq + 1 or not r.iteration_s > 0:
+        prev = slot.decided_report
+        if prev is None or r.epoch != prev.epoch or r.seq != prev.seq + 1 or not r.iteration_s > 0:
             return
         # the engine reads the clock at each iteration's start: the same reading at its end means
         # it ran at that clock throughout; otherwise (a switch landed mid-iteration) nothing is learnt
-        freq = r.freq_mhz if r.freq_mhz == slot.decided_freq_mhz else 0
+        freq = r.freq_mhz if r.freq_mhz == prev.freq_mhz else 0
         if self.recorder is not None:
             self.recorder.iteration(slot.spec.name, r, freq)
         ctl, cor = slot.ctl, slot.ctl.correction
@@ -563,15 +562,14 @@ class ControllerDaemon:
             r = slot.pending
             slot.pending = None
             self._feedback(slot, r)
-            slot.decided_epoch, slot.decided_seq, slot.decided_freq_mhz = r.epoch, r.seq, r.freq_mhz
+            slot.decided_report = r
             if self.recorder is not None:
                 self.recorder.decided(slot.spec.name, r)
             try:
                 d = slot.decide(slot.ctl, r)
             except ValueError as e:  # bad array lengths or contents: the controller names the field
                 self._drop("invalid", f"{r.instance}: {e}")
-                slot.decided_seq = -1  # no decision on r: the next report's measurement matches none
-                slot.decided = None
+                slot.decided_report = slot.decided = None  # no decision on r: the next report matches none
                 continue
             slot.decided = d
             if d.energy_j > 0:

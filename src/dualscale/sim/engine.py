@@ -125,7 +125,7 @@ class _Instance:
         tl = self.timeline
         tl.t0_s.append(t0)
         tl.t1_s.append(t1)
-        tl.freq_mhz.append(int(self.clocks[j if self.eff is None else self.eff[j]]))
+        tl.freq_mhz.append(self.read_back_mhz(j))
         tl.power_w.append(power_w)
         tl.queue.append(self.queue_len)
         tl.busy.append(busy)
@@ -143,6 +143,10 @@ class _Instance:
             t0 = mid
         self._segment(t0, t_s, self.j, self.idle_w[self.j], False)
         self.t_acct_s = t_s
+
+    def read_back_mhz(self, j: int) -> int:
+        """The clock that runs (and reads back) when column ``j`` is asked for: a capped GPU runs lower."""
+        return int(self.clocks[j if self.eff is None else self.eff[j]])
 
     def evaluate(self, out: NDArray[np.float64]) -> None:
         """The model's grid for the iteration about to run is in ``out``: make it the truth's."""
@@ -179,7 +183,7 @@ class _Instance:
         j = self.iter_j
         if j < 0:
             return t - self.step_started_s, 0, 0.0
-        return t - self.step_started_s, int(self.clocks[j if self.eff is None else self.eff[j]]), float(self.out[1, j])
+        return t - self.step_started_s, self.read_back_mhz(j), float(self.out[1, j])
 
 
 class _Prefill(_Instance):

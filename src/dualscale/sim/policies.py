@@ -114,28 +114,25 @@ class Static(Policy):
 
 
 # ---- fine-tier controllers (dualscale, lowest-feasible) -----------------------------------------
-class _MpcPrefill(PrefillControl):
-    def __init__(self, ctl: PrefillController) -> None:
+class _Controller:
+    """A fine-tier controller behind the simulator's interface: its idle clock, and the feedback."""
+
+    def __init__(self, ctl: PrefillController | DecodeController) -> None:
         self.ctl = ctl
         self.idle_mhz = ctl.idle_freq_mhz
 
+    def observe(self, iteration_s: float, freq_mhz: int, power_w: float) -> None:
+        self.ctl.observe(iteration_s, freq_mhz, power_w)
+
+
+class _MpcPrefill(_Controller, PrefillControl):
     def clock(self, now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util):  # type: ignore[no-untyped-def]
         return self.ctl.decide(now_s, arrival_s, prompt_tokens, prefilled_tokens, kv_util).freq_mhz
 
-    def observe(self, iteration_s: float, freq_mhz: int, power_w: float) -> None:
-        self.ctl.observe(iteration_s, freq_mhz, power_w)
 
-
-class _SlackDecode(DecodeControl):
-    def __init__(self, ctl: DecodeController) -> None:
-        self.ctl = ctl
-        self.idle_mhz = ctl.idle_freq_mhz
-
+class _SlackDecode(_Controller, DecodeControl):
     def clock(self, now_s, first_token_s, tokens_out, context_tokens, kv_util):  # type: ignore[no-untyped-def]
         return self.ctl.decide(now_s, first_token_s, tokens_out, context_tokens, kv_util).freq_mhz
-
-    def observe(self, iteration_s: float, freq_mhz: int, power_w: float) -> None:
-        self.ctl.observe(iteration_s, freq_mhz, power_w)
 
 
 class _FineTier(Policy):

@@ -29,7 +29,6 @@ class GroundTruth:
         self.jitter = truth.switch_jitter
         self.tp = tp
         self.rng = rng
-        self.eff: NDArray[np.int64] | None = None
 
     def apply(self, out: NDArray[np.float64]) -> NDArray[np.int64] | None:
         """Rewrite ``out`` (row 0 time s, row 1 power W per GPU, one column per clock) in place;
