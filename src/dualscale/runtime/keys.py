@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from dualscale._files import write_atomic
 from dualscale.errors import ConfigError
 from dualscale.runtime.trust import read_trusted
 
@@ -62,23 +63,6 @@ def _check_name(name: str) -> None:
         raise ValueError(f"key name {name!r}: letters, digits, '.', '_' and '-' only, at most 128 characters")
 
 
-def _write_private(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` atomically with ``mode`` from the start (never readable by others, even briefly),
-    without following a symlink planted at the temporary or the final name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode, follow_symlinks=False)  # umask may have narrowed it; never widen beyond mode
-        os.replace(tmp, path)  # rename replaces a symlink itself, it does not write through it
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_keypair(directory: str | Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
     """Make a CURVE key pair ``name`` in ``directory`` (created 0700 if missing); returns (public, secret).
 
@@ -98,9 +82,10 @@ def write_keypair(directory: str | Path, name: str, *, force: bool = False) -> t
         raise FileExistsError(f"{secret}: a key pair {name!r} exists already (--force replaces it)")
     pub, sec = zmq.curve_keypair()
     head = f"#   dualscale CURVE key pair {name!r} (dualscale keys)\nmetadata\n    name = \"{name}\"\ncurve\n"
-    _write_private(secret, (head + f'    public-key = "{pub.decode()}"\n    secret-key = "{sec.decode()}"\n').encode(),
-                   0o600)
-    _write_private(public, (head + f'    public-key = "{pub.decode()}"\n').encode(), 0o644)
+    # private from the start, never through a planted symlink, durable before it appears
+    write_atomic(secret, (head + f'    public-key = "{pub.decode()}"\n    secret-key = "{sec.decode()}"\n').encode(),
+                 mode=0o600, fsync=True)
+    write_atomic(public, (head + f'    public-key = "{pub.decode()}"\n').encode(), mode=0o644, fsync=True)
     return public, secret
 
 
