@@ -152,7 +152,7 @@ def test_decode_reports_match_the_scheduler_step_by_step(mc, tmp_path, monkeypat
         sizes.append(len(batch))
     assert max(sizes) >= 5 and sizes[-1] == 0  # a real batch formed, and drained
     assert set(first_seen) == {f"r{i}" for i in range(6)} | {"late"}
-    assert ds.first_token_s == {} and ds.awaiting == {}  # nothing kept for finished requests
+    assert ds.awaiting == {}  # nothing kept for finished requests
     assert ds.agent.errors == 0 and ds.failed is None
     sched.shutdown()
 
@@ -186,7 +186,7 @@ def test_a_failure_in_dualscale_is_logged_once_and_reporting_stops(mc, tmp_path,
     sched, async_ = build(mc, tmp_path, "async", monkeypatch, controller=pull.address, instance="d0",
                           phase="decode")
     ds = sched.dualscale
-    ds.first_token_s = None  # breaks the decode report
+    ds._scheduled_at = None  # breaks the report
     with caplog.at_level(logging.ERROR, logger="dualscale.integrations.vllm"):
         trace = run_trace(sched, async_)
     assert sched.dualscale is None and isinstance(ds.failed, AttributeError)
