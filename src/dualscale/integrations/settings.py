@@ -10,6 +10,7 @@ environment::
     DUALSCALE_PHASE        prefill | decode | auto (default: from the engine's P/D role)
 
 With neither an address nor an instance the hook is inert: the engine runs as without it.
+``queue_batches`` (how far a prefill report lists the queue) is set in the engine's config only.
 """
 
 from __future__ import annotations

@@ -17,7 +17,11 @@ the GPU within a millisecond, so it applies to the step about to run):
 - prefill: every request whose prompt is not yet fully computed (running chunks first, then the
   waiting queues), in arrival order (the controller's FCFS model; vLLM's own order differs only after
   a preemption or under priority scheduling), with its arrival time (vLLM's wall-clock
-  ``arrival_time``), prompt length and the tokens computed before this step;
+  ``arrival_time``), prompt length and the tokens computed before this step; listed in vLLM's order
+  only until the prompt tokens left reach ``queue_batches`` (default 24) batches of
+  ``max_num_batched_tokens``: a controller planning at most that many batches ahead decides the same
+  without the rest (when vLLM's order is not the arrival order and the queue is cut, the report holds
+  what vLLM serves first, not the earliest arrivals);
 - decode: every running request that has emitted its first token, with that time (recorded when
   ``update_from_output`` first sees an output token: vLLM keeps no such time), its output tokens so
   far and its context (computed tokens including this step's);
@@ -25,8 +29,10 @@ the GPU within a millisecond, so it applies to the step about to run):
   its ``schedule()`` and the previous step's end). The clock in use is not known to the scheduler
   (0 = unknown; the actuator reads it back).
 
-The report is copied into shared memory by :class:`dualscale.runtime.WorkerAgent` (no system call,
-no wait). Nothing here raises into the engine: a failure is logged once, reporting stops, the engine
+A report costs one pass in Python over the requests it lists (two reads per running request for
+decode, three per listed request for prefill), no NumPy; the decode batch's first-token times are
+re-read only when the batch changes. The report is copied into shared memory by
+:class:`dualscale.runtime.WorkerAgent` (no system call, no wait). Nothing here raises into the engine: a failure is logged once, reporting stops, the engine
 goes on; without a controller, reports are dropped and counted (``scheduler.dualscale.agent``).
 
 vLLM's scheduler is not a public interface: the supported releases are pinned (``settings.SUPPORTED``,
