@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import connect, wait_until  # noqa: E402
+from hook_helpers import connect, wait_until  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm_harness import TINY_LLAMA, EngineLoop, build_scheduler, make_scheduler, model_config, prefill_queue, request  # noqa: E402
