@@ -32,8 +32,9 @@ the GPU within a millisecond, so it applies to the step about to run):
 A report costs one pass in Python over the requests it lists (two reads per running request for
 decode, three per listed request for prefill), no NumPy; the decode batch's first-token times are
 re-read only when the batch changes. The report is copied into shared memory by
-:class:`dualscale.runtime.WorkerAgent` (no system call, no wait). Nothing here raises into the engine: a failure is logged once, reporting stops, the engine
-goes on; without a controller, reports are dropped and counted (``scheduler.dualscale.agent``).
+:class:`dualscale.runtime.WorkerAgent` (no system call, no wait). Nothing here raises into the
+engine: a failure is logged once, reporting stops, the engine goes on; without a controller, reports
+are dropped and counted (``scheduler.dualscale.agent``).
 
 vLLM's scheduler is not a public interface: the supported releases are pinned (``settings.SUPPORTED``,
 the ``dualscale[vllm]`` extra) and checked when this module is imported.
@@ -46,6 +47,7 @@ import math
 import time
 from array import array
 from collections import deque
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -206,33 +208,22 @@ class _ReportingMixin:
         latest = -math.inf
         ordered = True
         get = scheduled.get
-        for r in self.running:  # type: ignore[attr-defined]
-            p = r.num_prompt_tokens
-            d = r.num_computed_tokens - get(r.request_id, 0)  # before this step's chunk
-            if d < p:  # still in prefill before this step
-                a = r.arrival_time
-                put_a(a)
-                put_p(p)
-                put_d(d)
-                ordered = ordered and a >= latest
-                latest = a
-                left -= p - d
-                if left <= 0:
-                    break
-        if left > 0:
-            for queue in (self.kv_holding_waiting, self.waiting):  # type: ignore[attr-defined]
-                for r in queue:
-                    a, p, d = r.arrival_time, r.num_prompt_tokens, r.num_computed_tokens
-                    put_a(a)
-                    put_p(p)
-                    put_d(d)
-                    ordered = ordered and a >= latest
-                    latest = a
-                    left -= p - d
-                    if left <= 0:
-                        break
-                if left <= 0:
-                    break
+        # (request, tokens computed before this step): running chunks still in prefill before this
+        # step's chunk, then the waiting queues, as vLLM serves them
+        queue = chain(((r, d) for r in self.running  # type: ignore[attr-defined]
+                       if (d := r.num_computed_tokens - get(r.request_id, 0)) < r.num_prompt_tokens),
+                      ((r, r.num_computed_tokens) for q in (self.kv_holding_waiting, self.waiting)  # type: ignore[attr-defined]
+                       for r in q))
+        for r, d in queue:
+            a, p = r.arrival_time, r.num_prompt_tokens
+            put_a(a)
+            put_p(p)
+            put_d(d)
+            ordered = ordered and a >= latest
+            latest = a
+            left -= p - d
+            if left <= 0:
+                break
         if not ordered:  # after a preemption, or priority scheduling: the controller's FCFS order
             order = np.argsort(np.frombuffer(arrival), kind="stable")
             arrival, prompt, prefilled = (np.frombuffer(x, x.typecode)[order] for x in (arrival, prompt, prefilled))
