@@ -29,9 +29,10 @@ the GPU within a millisecond, so it applies to the step about to run):
   its ``schedule()`` and the previous step's end). The clock in use is not known to the scheduler
   (0 = unknown; the actuator reads it back).
 
-A report costs one pass in Python over the requests it lists (two reads per running request for
-decode, three per listed request for prefill), no NumPy; the decode batch's first-token times are
-re-read only when the batch changes. The report is copied into shared memory by
+A report costs list comprehensions in Python over the requests it lists (three reads per running
+request for decode, three per listed request for prefill), no NumPy; no reference to a request is kept
+past the step but to those awaiting a first token (a finished request is then freed in vLLM's own
+code). The report is copied into shared memory by
 :class:`dualscale.runtime.WorkerAgent` (no system call, no wait). Nothing here raises into the
 engine: a failure is logged once, reporting stops, the engine goes on; without a controller, reports
 are dropped and counted (``scheduler.dualscale.agent``).
@@ -98,12 +99,6 @@ class Reporting:
         self.awaiting: dict[str, Any] = {}
         self.iteration_s = 0.0
         self.failed: BaseException | None = None
-        self.first_changed = False  # a first token was recorded since the last decode report
-        # the running list of the last decode report, the requests of it that have a first token,
-        # and their first-token times: reused while the batch stays the same
-        self._batch: list[Any] = []
-        self._started: list[Any] = []
-        self._first = array("d")
         self._scheduled_at: deque[float] = deque(maxlen=64)  # perf_counter at each schedule(), FIFO
         self._last_end = 0.0
 
@@ -231,33 +226,30 @@ class _ReportingMixin:
                                 iteration_s=ds.iteration_s)
 
     def _report_decode(self, ds: Reporting) -> None:
-        running = self.running  # type: ignore[attr-defined]
-        if ds.first_changed or running != ds._batch:  # same requests in the same order: reuse the times
-            ds._batch = batch = running.copy()
-            # FIRST_TOKEN_ATTR, read as an attribute: getattr() costs twice as much per request
-            times = [r.dualscale_first_token_s for r in batch]
+        started = self.running  # type: ignore[attr-defined]
+        # FIRST_TOKEN_ATTR, read as an attribute: getattr() costs twice as much per request. Read every
+        # step rather than kept per batch: a kept batch would hold the last reference to finished
+        # requests, and freeing them (their token lists) would then fall in this hook.
+        first = [r.dualscale_first_token_s for r in started]
+        if ds.awaiting:
             # requests still waiting for their first token are not the decode controller's yet; they all
             # hold the very object _NAN, which ``is`` and list.count find (NaN != NaN)
-            if ds.awaiting:
-                n = j = len(times)
-                while j and times[j - 1] is _NAN:
-                    j -= 1
-                # usually those waiting are the latest to join the batch; awaiting also holds requests
-                # not running yet (a running one without a first token is always there)
-                if n - j == len(ds.awaiting) or n - j == times.count(_NAN):
-                    batch, times = batch[:j], times[:j]
-                else:
-                    batch = [r for r, t in zip(batch, times) if t is not _NAN]
-                    times = [t for t in times if t is not _NAN]
-            ds._started = batch
-            ds._first = array("d", times)
-            ds.first_changed = False
-        started = ds._started
+            n = j = len(first)
+            while j and first[j - 1] is _NAN:
+                j -= 1
+            # usually those waiting are the latest to join the batch; awaiting also holds requests not
+            # running yet (a running one without a first token is always there)
+            if n - j == len(ds.awaiting) or n - j == first.count(_NAN):
+                if j < n:
+                    started, first = started[:j], first[:j]
+            else:
+                started = [r for r, t in zip(started, first) if t is not _NAN]
+                first = [t for t in first if t is not _NAN]
         # the private list behind Request.num_output_tokens: the property call costs about twice the
         # read per request (vLLM's release is pinned, and the tests compare with the property)
         tokens_out = array("q", [len(r._output_token_ids) for r in started])
         context = array("q", [r.num_computed_tokens for r in started])
-        ds.agent.report_decode(time.time(), ds._first, tokens_out, context,
+        ds.agent.report_decode(time.time(), array("d", first), tokens_out, context,
                                kv_util=float(self.kv_cache_manager.usage),  # type: ignore[attr-defined]
                                iteration_s=ds.iteration_s)
 
@@ -281,7 +273,6 @@ class _ReportingMixin:
                     if req.num_output_tokens > 0:
                         setattr(req, FIRST_TOKEN_ATTR, now)
                         del awaiting[rid]
-                        ds.first_changed = True
                 for rid in scheduler_output.finished_req_ids:  # finished or aborted since the last schedule()
                     awaiting.pop(rid, None)
 
