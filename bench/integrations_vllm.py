@@ -6,7 +6,9 @@ plain ``AsyncScheduler`` and ``DualscaleAsyncScheduler`` reporting to a controll
 controller behind it (the engine thread's work is the same either way: encode the report and copy it
 into the shared-memory ring; the relay process drops what it cannot forward).
 
-- decode role: N requests running (short prompts, long outputs), every step a decode step;
+- decode role: N requests running (short prompts; outputs of 64-1023 tokens, spread evenly, so as in
+  serving requests finish and new ones join every few steps and the batch changes; ``--fixed-batch``:
+  endless outputs, the same batch every step);
 - prefill role: N requests in the prefill queue (16 running chunks of long prompts, the rest waiting).
 
 Per step it records the wall time of ``schedule()`` and of ``update_from_output()`` for both, and the
@@ -15,12 +17,17 @@ bookkeeping after ``update_from_output()``): that is the added cost, measured di
 as a difference of two noisy distributions. Targets (issue 17): added cost <= 5 % of the plain
 ``schedule()`` at 256 running requests, and <= 50 us at p99.
 
-    VLLM_TARGET_DEVICE=cpu python bench/integrations_vllm.py [--steps 300] [--json out.json]
+It also counts the garbage collections that started inside the adapter's hooks (a collection
+there is the engine's garbage, collected when our allocation happens to cross the threshold) and
+prints the host's load average beside the figures.
+
+    VLLM_TARGET_DEVICE=cpu python bench/integrations_vllm.py [--steps 300] [--quick] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -51,16 +58,28 @@ class Timed:
         self.samples: list[float] = []
         self.by_hook: dict[str, list[float]] = {h: [] for h in self.HOOKS}
         self._acc = dict.fromkeys(self.HOOKS, 0.0)
+        self.inside = False
+        self.gcs_inside = 0
+        gc.callbacks.append(self._gc)
         for name in self.HOOKS:
             inner = getattr(sched, name)
 
             def timed(*a, _inner=inner, _name=name):
+                self.inside = True
                 t = time.perf_counter()
                 try:
                     return _inner(*a)
                 finally:
                     self._acc[_name] += time.perf_counter() - t
+                    self.inside = False
             setattr(sched, name, timed)
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start" and self.inside:
+            self.gcs_inside += 1
+
+    def remove(self) -> None:
+        gc.callbacks.remove(self._gc)
 
     def close_step(self) -> None:
         self.samples.append(sum(self._acc.values()))
@@ -69,6 +88,7 @@ class Timed:
             self._acc[h] = 0.0
 
     def clear(self) -> None:
+        self.gcs_inside = 0
         self.samples.clear()
         for h in self.HOOKS:
             self.by_hook[h].clear()
@@ -95,20 +115,21 @@ class TimedLoop(EngineLoop):
             setattr(self.sched, name, timed)
 
 
-def top_up(sched, role: str, n: int, t0: float, made: list[int]) -> None:
-    """Keep n requests in the scheduler: decode ones run (short prompt, endless output), prefill ones
-    queue (long prompts, one output token); new ones replace the finished, with the same ids in both
-    schedulers."""
+def top_up(sched, role: str, n: int, t0: float, made: list[int], fixed_batch: bool = False) -> None:
+    """Keep n requests in the scheduler: decode ones run (short prompt, 64-1023 output tokens, or
+    endless with ``fixed_batch``), prefill ones queue (long prompts, one output token); new ones
+    replace the finished, with the same ids and lengths in both schedulers."""
     while len(sched.running) + len(sched.waiting) < n:
         i = made[0]
         made[0] += 1
         if role == "decode":
-            sched.add_request(request(f"r{i}", 32, 100_000, arrival_s=t0 + i * 1e-6))
+            out = 100_000 if fixed_batch else 64 + (i * 389) % 960
+            sched.add_request(request(f"r{i}", 32, out, arrival_s=t0 + i * 1e-6))
         else:
             sched.add_request(request(f"r{i}", 6000, 1, arrival_s=t0 + i * 1e-6))
 
 
-def run(role: str, n: int, steps: int, mc, tmp: Path) -> dict:
+def run(role: str, n: int, steps: int, mc, tmp: Path, fixed_batch: bool = False) -> dict:
     os.environ["DUALSCALE_CONTROLLER"] = f"ipc://{tmp}/nobody-{role}-{n}"
     os.environ["DUALSCALE_INSTANCE"] = f"{role}-{n}"
     os.environ["DUALSCALE_PHASE"] = role
@@ -124,7 +145,7 @@ def run(role: str, n: int, steps: int, mc, tmp: Path) -> dict:
 
     def step_both() -> None:
         for name, loop in loops.items():  # interleaved: the same host noise for both
-            top_up(loop.sched, role, n, t0, made[name])
+            top_up(loop.sched, role, n, t0, made[name], fixed_batch)
             loop.step()
 
     # warm up: every request admitted (decode) and the caches hot
@@ -142,9 +163,12 @@ def run(role: str, n: int, steps: int, mc, tmp: Path) -> dict:
         timer.close_step()
     running = len(ds.running)
     queued = len(ds.waiting) + len(ds.running)
+    finished = made["dualscale"][0] - queued
+    timer.remove()
     ds.shutdown()
     us = 1e6
-    res = {"role": role, "requests": n, "running": running, "queued_or_running": queued}
+    res = {"role": role, "requests": n, "running": running, "queued_or_running": queued, "finished": finished,
+           "gc_in_hooks": timer.gcs_inside, "load_avg": os.getloadavg()}
     for name, loop in loops.items():
         for what, xs in (("schedule", loop.t_schedule), ("update", loop.t_update)):
             a = np.asarray(xs) * us
@@ -167,14 +191,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="measured steps per size and role (default 300)")
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="request counts (default 16 256 1024)")
     ap.add_argument("--roles", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
+    ap.add_argument("--fixed-batch", action="store_true",
+                    help="decode: endless outputs, the same running batch every step (no requests finish)")
+    ap.add_argument("--quick", action="store_true", help="60 steps at 16 and 256 requests (a smoke run)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.sizes = 60, [16, 256]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         mc = model_config(Path(tmp) / "tiny-llama")
         for role in args.roles:
             for n in args.sizes:
-                r = run(role, n, args.steps, mc, Path(tmp))
+                r = run(role, n, args.steps, mc, Path(tmp), args.fixed_batch)
                 results.append(r)
                 print(f"{role:7s} n={n:5d} (running {r['running']:4d}) | schedule() plain p50/p99 "
                       f"{r['plain_schedule_us']['p50']:8.1f} / {r['plain_schedule_us']['p99']:8.1f} us, with "
@@ -182,7 +211,8 @@ def main() -> None:
                       f" | update() plain {r['plain_update_us']['p50']:8.1f}, dualscale "
                       f"{r['dualscale_update_us']['p50']:8.1f} us | added p50/p99 {r['added_us']['p50']:6.1f} / "
                       f"{r['added_us']['p99']:6.1f} us = {100 * r['added_vs_plain_schedule_p50']:.1f} % of plain "
-                      "schedule() p50", flush=True)
+                      f"schedule() p50 | load {r['load_avg'][0]:.2f}, GCs in hooks {r['gc_in_hooks']}, "
+                      f"finished {r['finished']}", flush=True)
                 print("          of which " + ", ".join(
                     f"{k[5:-3]} {v['p50']:.1f} / {v['p99']:.1f} us" for k, v in r.items() if k.startswith("added_") and k.endswith("_us")
                     and k != "added_us"), flush=True)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import dualscale
+from dualscale.control.prefill import MAX_HORIZON
 from dualscale.errors import ConfigError
 from dualscale.integrations.settings import (
     ENV,
+    QUEUE_BATCHES,
     SUPPORTED,
     HookSettings,
     check_version,
@@ -92,3 +96,48 @@ def test_without_vllm_the_module_says_what_to_install():
         pytest.skip("vLLM is installed here")
     with pytest.raises(ImportError, match=r"pip install 'dualscale\[vllm\]'"):
         import dualscale.integrations.vllm  # noqa: F401
+
+
+def cut_queue(prompt: np.ndarray, prefilled: np.ndarray, cap_tokens: int) -> int:
+    """How many requests an engine hook lists: up to (and with) the one whose prompt tokens left reach
+    ``cap_tokens`` in all (the rule of dualscale.integrations.vllm's prefill report)."""
+    left = cap_tokens - np.cumsum(prompt - prefilled)
+    return int(np.searchsorted(-left, 0) + 1) if left[-1] <= 0 else prompt.size
+
+
+def test_queue_batches_default_is_the_largest_prefill_horizon():
+    assert QUEUE_BATCHES == MAX_HORIZON
+
+
+@pytest.mark.parametrize(("horizon", "solver"), [(1, "qp"), (4, "qp"), (8, "qp"), (8, "exact"), (24, "greedy")])
+def test_a_queue_listed_up_to_horizon_batches_of_tokens_gets_the_same_decision(profile, horizon, solver):
+    """Why a prefill report may stop listing the queue: a controller whose horizon is at most
+    queue_batches decides the same on the listed prefix as on the whole queue, step after step."""
+    budget = 512
+    rng = np.random.default_rng(horizon)
+    full, cut = (dualscale.PrefillController(profile, tp=2, ttft_slo_s=0.6, horizon=horizon, solver=solver,
+                                             max_batch_tokens=budget) for _ in range(2))
+    cuts = 0
+    for step in range(30):
+        n = int(rng.integers(1, 120))
+        now = 100.0 + step * 0.05
+        arrival = np.sort(now - rng.uniform(0.0, 0.5, n))
+        prompt = rng.integers(1, 3000, n)
+        prefilled = np.zeros(n, np.int64)
+        prefilled[0] = rng.integers(0, prompt[0])
+        m = cut_queue(prompt, prefilled, horizon * budget)
+        cuts += m < n
+        kv = float(rng.uniform(0.0, 1.0))
+        a = full.decide(now, arrival, prompt, prefilled, kv)
+        b = cut.decide(now, arrival[:m], prompt[:m], prefilled[:m], kv)
+        assert a == b, (step, n, m)
+        t = a.batch_time_s * float(rng.uniform(0.9, 1.1))  # the same feedback to both
+        full.observe(t, a.freq_mhz)
+        cut.observe(t, b.freq_mhz)
+    assert cuts > 10
+
+
+def test_queue_batches_is_a_count_of_batches():
+    assert load_settings({"controller": "tcp://h:1", "instance": "p0", "queue_batches": 0}, "cfg").queue_batches == 0
+    with pytest.raises(ConfigError, match="queue_batches.*-1"):
+        load_settings({"controller": "tcp://h:1", "instance": "p0", "queue_batches": -1}, "cfg")

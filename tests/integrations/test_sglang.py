@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 import sglang_standin as sg
-from conftest import wait_until
+from hook_helpers import wait_until
 
 from dualscale.integrations import sglang as plugin
 

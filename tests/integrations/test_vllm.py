@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import connect, wait_until  # noqa: E402
+from hook_helpers import connect, wait_until  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm_harness import TINY_LLAMA, EngineLoop, build_scheduler, make_scheduler, model_config, prefill_queue, request  # noqa: E402
@@ -109,13 +109,69 @@ def test_prefill_reports_match_the_scheduler_step_by_step(mc, tmp_path, monkeypa
     sched.shutdown()
 
 
+def capped(queue: tuple[list, list, list], cap_tokens: int) -> tuple[list, list, list]:
+    """The queue up to (and with) the request whose prompt tokens left reach ``cap_tokens`` in all."""
+    left, n = cap_tokens, 0
+    for p, d in zip(queue[1], queue[2], strict=True):
+        if left <= 0:
+            break
+        left -= p - d
+        n += 1
+    return queue[0][:n], queue[1][:n], queue[2][:n]
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_decode_reports_match_the_scheduler_step_by_step(mc, tmp_path, monkeypatch, pull, mode):
+def test_a_long_prefill_queue_is_listed_up_to_queue_batches_of_the_token_budget(mc, tmp_path, monkeypatch, pull,
+                                                                               mode):
+    """queue_batches = 2 with a 512-token budget: the report lists the queue until 1,024 prompt tokens
+    are left in it (the rest cannot reach a controller whose horizon is 2 batches or less)."""
+    cfg = {"dualscale": {"controller": pull.address, "instance": "p0", "queue_batches": 2}}
+    cls, async_ = MODES[mode]
+    sched = make_scheduler(cls, mc, async_scheduling=async_, kv_role="kv_producer", kv_path=tmp_path / "kv",
+                           max_batched_tokens=512, additional_config=cfg)
+    ds = sched.dualscale
+    assert ds.queue_tokens == 1024
+    seq0 = connect(sched)
+    expected: dict[int, tuple] = {}
+    loop = EngineLoop(sched, async_, lambda s, out: expected.__setitem__(ds.agent.seq, prefill_queue(s, out)))
+    t0 = time.time()
+    for i in range(12):
+        sched.add_request(request(f"q{i}", 300 + 37 * i, 1, arrival_s=t0 - 1 + 0.01 * i))
+    loop.run_until_idle()
+    got = received_by_seq(pull, ds.agent)
+    lengths = []
+    for seq, queue in sorted(expected.items()):
+        r = got[seq][1]
+        want = capped(queue, 1024)
+        assert f64(r.arrival_s).tolist() == want[0]
+        assert i64(r.prompt_tokens).tolist() == want[1]
+        assert i64(r.prefilled_tokens).tolist() == want[2]
+        lengths.append((len(queue[0]), len(want[0])))
+    assert seq0 < min(expected)
+    assert any(full > 4 >= listed for full, listed in lengths)  # the cap did cut the queue
+    sched.shutdown()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ["vllm", "reversed"])
+def test_decode_reports_match_the_scheduler_step_by_step(mc, tmp_path, monkeypatch, pull, mode, order):
     sched, async_ = build(mc, tmp_path, mode, monkeypatch, controller=pull.address, instance="d0",
                           role="kv_consumer", max_batched_tokens=256)
     ds = sched.dualscale
     assert ds is not None and (ds.phase, ds.instance) == ("decode", "d0")
     connect(sched)
+    if order == "reversed":
+        # the running list reversed while reporting: the requests still waiting for their first token
+        # come first, not last as vLLM orders them (the report's general path)
+        report = sched._report_decode
+
+        def reversed_report(ds):
+            sched.running.reverse()
+            try:
+                report(ds)
+            finally:
+                sched.running.reverse()
+        sched._report_decode = reversed_report
     first_seen: dict[str, tuple[float, float]] = {}
     expected: dict[int, tuple] = {}
 
@@ -125,7 +181,8 @@ def test_decode_reports_match_the_scheduler_step_by_step(mc, tmp_path, monkeypat
                 first_seen[rid] = (t0, t1)
 
     def on_schedule(s, out):
-        batch = [(r.request_id, r.num_output_tokens, r.num_computed_tokens) for r in s.running
+        running = s.running[::-1] if order == "reversed" else s.running
+        batch = [(r.request_id, r.num_output_tokens, r.num_computed_tokens) for r in running
                  if r.request_id in first_seen]
         expected[ds.agent.seq] = (time.time(), batch, s.kv_cache_manager.usage)
 
@@ -152,7 +209,7 @@ def test_decode_reports_match_the_scheduler_step_by_step(mc, tmp_path, monkeypat
         sizes.append(len(batch))
     assert max(sizes) >= 5 and sizes[-1] == 0  # a real batch formed, and drained
     assert set(first_seen) == {f"r{i}" for i in range(6)} | {"late"}
-    assert ds.first_token_s == {} and ds.awaiting == {}  # nothing kept for finished requests
+    assert ds.awaiting == {}  # nothing kept for finished requests
     assert ds.agent.errors == 0 and ds.failed is None
     sched.shutdown()
 
@@ -186,7 +243,7 @@ def test_a_failure_in_dualscale_is_logged_once_and_reporting_stops(mc, tmp_path,
     sched, async_ = build(mc, tmp_path, "async", monkeypatch, controller=pull.address, instance="d0",
                           phase="decode")
     ds = sched.dualscale
-    ds.first_token_s = None  # breaks the decode report
+    ds._scheduled_at = None  # breaks the report
     with caplog.at_level(logging.ERROR, logger="dualscale.integrations.vllm"):
         trace = run_trace(sched, async_)
     assert sched.dualscale is None and isinstance(ds.failed, AttributeError)

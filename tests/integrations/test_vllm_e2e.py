@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import connect, wait_until  # noqa: E402
+from hook_helpers import connect, wait_until  # noqa: E402
 from vllm_harness import EngineLoop, make_scheduler, model_config, prefill_queue, request  # noqa: E402
 
 from dualscale.device.sim import SimBackend  # noqa: E402

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from array import array
 
 import numpy as np
 import pytest
@@ -117,6 +118,30 @@ def test_reports_reach_a_controller_in_order(tmp_path, transport):
     finally:
         agent.close()
         controller.close()
+
+
+def test_array_buffers_are_sent_as_they_are_other_arrays_converted(tmp_path, controller):
+    """An engine hook hands array.array('d'/'q') buffers (sent without a copy through NumPy); other
+    element types are converted to the wire's float64/int64."""
+    agent = WorkerAgent(controller.address, "d0", "decode")
+    try:
+        connected(agent, controller)
+        assert agent.report_decode(50.0, array("d", [9.0, 9.5]), array("q", [3, 2**40]), array("i", [300, 7]))
+        assert agent.report_decode(51.0, array("f", [8.5]), array("q"), np.array([5], np.int32))
+        got = []
+        while len(got) < 2 or got[-1].now_s < 51.0:
+            new = controller.received(1000)
+            assert new, "reports lost"
+            got += [r for r in new if r.now_s >= 50.0]
+        a, b = got
+        assert np.frombuffer(a.first_token_s, "<f8").tolist() == [9.0, 9.5]
+        assert np.frombuffer(a.tokens_out, "<i8").tolist() == [3, 2**40]
+        assert np.frombuffer(a.context_tokens, "<i8").tolist() == [300, 7]
+        assert np.frombuffer(b.first_token_s, "<f8").tolist() == [8.5]
+        assert b.tokens_out == b"" and np.frombuffer(b.context_tokens, "<i8").tolist() == [5]
+        assert agent.errors == 0
+    finally:
+        agent.close()
 
 
 def test_agents_of_a_process_share_one_relay_which_drains_before_it_stops(tmp_path, controller):

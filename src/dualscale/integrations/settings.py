@@ -10,13 +10,14 @@ environment::
     DUALSCALE_PHASE        prefill | decode | auto (default: from the engine's P/D role)
 
 With neither an address nor an instance the hook is inert: the engine runs as without it.
+``queue_batches`` (how far a prefill report lists the queue) is set in the engine's config only.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -32,6 +33,10 @@ ENV = {"controller": "DUALSCALE_CONTROLLER", "instance": "DUALSCALE_INSTANCE", "
 
 Phase = Literal["prefill", "decode"]
 
+#: Default of ``HookSettings.queue_batches``: the largest prefill horizon a controller accepts
+#: (``dualscale.control.prefill.MAX_HORIZON``, not imported: the engine side loads no controller code).
+QUEUE_BATCHES = 24
+
 
 class HookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One engine instance's reporting settings."""
@@ -45,6 +50,11 @@ class HookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     #: folder with this engine's CURVE key pair (``engine-<instance>``, from ``dualscale keys``) and
     #: the controller's public key; "" = plain ZeroMQ (only for a controller that allows it)
     keys_dir: str = ""
+    #: prefill: the report lists the queue only until its prompt tokens left fill this many batches of
+    #: the engine's token budget (``max_num_batched_tokens``): a controller whose horizon is at most
+    #: that never looks further, so its decision is the same, and the report's cost is bounded by the
+    #: budget, not the queue. 0 = the whole queue.
+    queue_batches: Annotated[int, msgspec.Meta(ge=0)] = QUEUE_BATCHES
 
     @property
     def enabled(self) -> bool:

@@ -17,7 +17,11 @@ the GPU within a millisecond, so it applies to the step about to run):
 - prefill: every request whose prompt is not yet fully computed (running chunks first, then the
   waiting queues), in arrival order (the controller's FCFS model; vLLM's own order differs only after
   a preemption or under priority scheduling), with its arrival time (vLLM's wall-clock
-  ``arrival_time``), prompt length and the tokens computed before this step;
+  ``arrival_time``), prompt length and the tokens computed before this step; listed in vLLM's order
+  only until the prompt tokens left reach ``queue_batches`` (default 24) batches of
+  ``max_num_batched_tokens``: a controller planning at most that many batches ahead decides the same
+  without the rest (when vLLM's order is not the arrival order and the queue is cut, the report holds
+  what vLLM serves first, not the earliest arrivals);
 - decode: every running request that has emitted its first token, with that time (recorded when
   ``update_from_output`` first sees an output token: vLLM keeps no such time), its output tokens so
   far and its context (computed tokens including this step's);
@@ -25,9 +29,13 @@ the GPU within a millisecond, so it applies to the step about to run):
   its ``schedule()`` and the previous step's end). The clock in use is not known to the scheduler
   (0 = unknown; the actuator reads it back).
 
-The report is copied into shared memory by :class:`dualscale.runtime.WorkerAgent` (no system call,
-no wait). Nothing here raises into the engine: a failure is logged once, reporting stops, the engine
-goes on; without a controller, reports are dropped and counted (``scheduler.dualscale.agent``).
+A report costs list comprehensions in Python over the requests it lists (three reads per running
+request for decode, three per listed request for prefill), no NumPy; no reference to a request is kept
+past the step but to those awaiting a first token (a finished request is then freed in vLLM's own
+code). The report is copied into shared memory by
+:class:`dualscale.runtime.WorkerAgent` (no system call, no wait). Nothing here raises into the
+engine: a failure is logged once, reporting stops, the engine goes on; without a controller, reports
+are dropped and counted (``scheduler.dualscale.agent``).
 
 vLLM's scheduler is not a public interface: the supported releases are pinned (``settings.SUPPORTED``,
 the ``dualscale[vllm]`` extra) and checked when this module is imported.
@@ -36,9 +44,11 @@ the ``dualscale[vllm]`` extra) and checked when this module is imported.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from array import array
 from collections import deque
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -61,28 +71,34 @@ log = logging.getLogger("dualscale.integrations.vllm")
 KV_ROLE_PHASE: dict[str | None, Phase] = {"kv_producer": "prefill", "kv_consumer": "decode"}
 
 _NAN = float("nan")
+#: Attribute a decode scheduler sets on each vLLM ``Request``: wall-clock time of its first token,
+#: ``_NAN`` (that very object) until then. On the request, not in a dict by id: a report reads it as
+#: cheaply as vLLM's own fields, and it goes when the request does.
+FIRST_TOKEN_ATTR = "dualscale_first_token_s"
+#: No queue limit (``queue_batches = 0``).
+_WHOLE_QUEUE = 1 << 62
+
+
 class Reporting:
-    """One scheduler's reporting state: its agent, the first-token times and the step timing.
+    """One scheduler's reporting state: its agent, the first-token bookkeeping and the step timing.
 
     Attributes:
         agent: the :class:`~dualscale.runtime.WorkerAgent` (its counters say what was sent/dropped).
         instance, phase: what the reports are sent as.
-        first_token_s: decode: wall-clock time of each running request's first token, by request id.
+        queue_tokens: prefill: prompt tokens left after which the queue is not listed further.
+        awaiting: decode: added requests without a first token yet, by request id.
         iteration_s: measured time of the last completed step (s); 0 before the first.
         failed: the exception that stopped reporting, if any.
     """
 
-    def __init__(self, agent: Any, instance: str, phase: Phase) -> None:
+    def __init__(self, agent: Any, instance: str, phase: Phase, queue_tokens: int = _WHOLE_QUEUE) -> None:
         self.agent = agent
         self.instance = instance
         self.phase = phase
-        self.first_token_s: dict[str, float] = {}
-        self.awaiting: dict[str, Any] = {}  # decode: added requests without a first token yet
+        self.queue_tokens = queue_tokens
+        self.awaiting: dict[str, Any] = {}
         self.iteration_s = 0.0
         self.failed: BaseException | None = None
-        self.first_changed = False  # a first token was recorded since the last decode report
-        self._batch: list[Any] = []  # the running requests of the last decode report, in order
-        self._first = np.empty(0)  # their first-token times
         self._scheduled_at: deque[float] = deque(maxlen=64)  # perf_counter at each schedule(), FIFO
         self._last_end = 0.0
 
@@ -111,12 +127,13 @@ def _make_reporting(sched: Scheduler) -> Reporting | None:
                         "--scheduler-cls dualscale.integrations.vllm.DualscaleAsyncScheduler", type(sched).__name__)
         from dualscale.runtime.worker import WorkerAgent
 
+        queue_tokens = settings.queue_batches * vc.scheduler_config.max_num_batched_tokens or _WHOLE_QUEUE
         agent = WorkerAgent(settings.controller, instance, phase, keys_dir=settings.keys_dir or None)
     except Exception as e:  # never raise into the engine
         log.error("dualscale: reporting is off: %s: %s", type(e).__name__, e)
         return None
     log.info("dualscale: reporting %s steps as %r to %s", phase, instance, settings.controller)
-    return Reporting(agent, instance, phase)
+    return Reporting(agent, instance, phase, queue_tokens)
 
 
 class _ReportingMixin:
@@ -132,7 +149,13 @@ class _ReportingMixin:
         super().add_request(request)  # type: ignore[misc]
         ds = self.dualscale
         if ds is not None and ds.phase == "decode":
-            ds.awaiting[request.request_id] = request
+            try:
+                # a new request (not the next input of a streaming session, which vLLM does not keep)
+                if self.requests.get(request.request_id) is request:  # type: ignore[attr-defined]
+                    setattr(request, FIRST_TOKEN_ATTR, _NAN)
+                    ds.awaiting[request.request_id] = request
+            except Exception as e:
+                self._dualscale_failed(ds, e)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         out = super().schedule(*args, **kwargs)  # type: ignore[misc]
@@ -169,42 +192,65 @@ class _ReportingMixin:
         super().shutdown()  # type: ignore[misc]
 
     # ---- reporting -----------------------------------------------------------------------------
+    # Both reports read vLLM's requests with list comprehensions and plain loops into array.array:
+    # from N Python objects to a buffer that is the cheapest way (NumPy calls cost microseconds each
+    # here, where the engine's step has pushed this code out of the CPU caches); the agent sends the
+    # arrays' buffers as they are.
     def _report_prefill(self, ds: Reporting, scheduled: dict[str, int]) -> None:
-        # list comprehensions into array.array: the cheapest way from N Python objects to a buffer
-        running = self.running  # type: ignore[attr-defined]
-        # running requests still in prefill before this step: computed - this step's chunk < prompt
-        chunks = [r for r in running if r.num_computed_tokens - scheduled.get(r.request_id, 0) < r.num_prompt_tokens]
-        waiting = [*self.kv_holding_waiting, *self.waiting]  # type: ignore[attr-defined]
-        reqs = chunks + waiting
-        arrival = np.frombuffer(array("d", [r.arrival_time for r in reqs]))
-        prompt = array("q", [r.num_prompt_tokens for r in reqs])
-        prefilled = array("q", [r.num_computed_tokens - scheduled.get(r.request_id, 0) for r in chunks])
-        prefilled.extend([r.num_computed_tokens for r in waiting])
-        if len(reqs) > 1 and (arrival[1:] < arrival[:-1]).any():  # after a preemption, or priority scheduling
-            order = np.argsort(arrival, kind="stable")
-            arrival, prompt, prefilled = arrival[order], np.frombuffer(prompt, np.int64)[order], \
-                np.frombuffer(prefilled, np.int64)[order]
+        arrival, prompt, prefilled = array("d"), array("q"), array("q")
+        put_a, put_p, put_d = arrival.append, prompt.append, prefilled.append
+        left = ds.queue_tokens  # listed until the prompt tokens left reach this: a bounded cost
+        latest = -math.inf
+        ordered = True
+        get = scheduled.get
+        # (request, tokens computed before this step): running chunks still in prefill before this
+        # step's chunk, then the waiting queues, as vLLM serves them
+        queue = chain(((r, d) for r in self.running  # type: ignore[attr-defined]
+                       if (d := r.num_computed_tokens - get(r.request_id, 0)) < r.num_prompt_tokens),
+                      ((r, r.num_computed_tokens) for q in (self.kv_holding_waiting, self.waiting)  # type: ignore[attr-defined]
+                       for r in q))
+        for r, d in queue:
+            a, p = r.arrival_time, r.num_prompt_tokens
+            put_a(a)
+            put_p(p)
+            put_d(d)
+            ordered = ordered and a >= latest
+            latest = a
+            left -= p - d
+            if left <= 0:
+                break
+        if not ordered:  # after a preemption, or priority scheduling: the controller's FCFS order
+            order = np.argsort(np.frombuffer(arrival), kind="stable")
+            arrival, prompt, prefilled = (np.frombuffer(x, x.typecode)[order] for x in (arrival, prompt, prefilled))
         ds.agent.report_prefill(time.time(), arrival, prompt, prefilled, kv_util=self._kv_util(),
                                 iteration_s=ds.iteration_s)
 
     def _report_decode(self, ds: Reporting) -> None:
-        running = self.running  # type: ignore[attr-defined]
-        if ds.first_changed or running != ds._batch:  # same requests in the same order: reuse the times
-            get = ds.first_token_s.get
-            ds._batch = list(running)
-            ds._first = np.frombuffer(array("d", [get(r.request_id, _NAN) for r in running]))
-            ds.first_changed = False
-        first = ds._first
+        started = self.running  # type: ignore[attr-defined]
+        # FIRST_TOKEN_ATTR, read as an attribute: getattr() costs twice as much per request. Read every
+        # step rather than kept per batch: a kept batch would hold the last reference to finished
+        # requests, and freeing them (their token lists) would then fall in this hook.
+        first = [r.dualscale_first_token_s for r in started]
+        if ds.awaiting:
+            # requests still waiting for their first token are not the decode controller's yet; they all
+            # hold the very object _NAN, which ``is`` and list.count find (NaN != NaN)
+            n = j = len(first)
+            while j and first[j - 1] is _NAN:
+                j -= 1
+            # usually those waiting are the latest to join the batch; awaiting also holds requests not
+            # running yet (a running one without a first token is always there)
+            if n - j == len(ds.awaiting) or n - j == first.count(_NAN):
+                if j < n:
+                    started, first = started[:j], first[:j]
+            else:
+                started = [r for r, t in zip(started, first) if t is not _NAN]
+                first = [t for t in first if t is not _NAN]
         # the private list behind Request.num_output_tokens: the property call costs about twice the
         # read per request (vLLM's release is pinned, and the tests compare with the property)
-        tokens_out = array("q", [len(r._output_token_ids) for r in running])
-        context = array("q", [r.num_computed_tokens for r in running])
-        started = ~np.isnan(first)
-        if not started.all():  # the others still wait for their first token: not the decode controller's yet
-            first = first[started]
-            tokens_out = np.frombuffer(tokens_out, np.int64)[started]
-            context = np.frombuffer(context, np.int64)[started]
-        ds.agent.report_decode(time.time(), first, tokens_out, context, kv_util=self._kv_util(),
+        tokens_out = array("q", [len(r._output_token_ids) for r in started])
+        context = array("q", [r.num_computed_tokens for r in started])
+        ds.agent.report_decode(time.time(), array("d", first), tokens_out, context,
+                               kv_util=float(self.kv_cache_manager.usage),  # type: ignore[attr-defined]
                                iteration_s=ds.iteration_s)
 
     def _kv_util(self) -> float:
@@ -217,18 +263,18 @@ class _ReportingMixin:
             ds.iteration_s = end - max(start, ds._last_end)
             ds._last_end = end
         if ds.phase == "decode":
-            now = time.time()
-            awaiting, first = ds.awaiting, ds.first_token_s
-            scheduled = scheduler_output.num_scheduled_tokens
-            small, big = (awaiting, scheduled) if len(awaiting) <= len(scheduled) else (scheduled, awaiting)
-            for rid in [r for r in small if r in big]:
-                if awaiting[rid].num_output_tokens > 0:
-                    first[rid] = now
-                    del awaiting[rid]
-                    ds.first_changed = True
-            for rid in scheduler_output.finished_req_ids:  # finished or aborted since the last schedule()
-                awaiting.pop(rid, None)
-                first.pop(rid, None)
+            awaiting = ds.awaiting
+            if awaiting:
+                now = time.time()
+                scheduled = scheduler_output.num_scheduled_tokens
+                small, big = (awaiting, scheduled) if len(awaiting) <= len(scheduled) else (scheduled, awaiting)
+                for rid in [r for r in small if r in big]:
+                    req = awaiting[rid]
+                    if req.num_output_tokens > 0:
+                        setattr(req, FIRST_TOKEN_ATTR, now)
+                        del awaiting[rid]
+                for rid in scheduler_output.finished_req_ids:  # finished or aborted since the last schedule()
+                    awaiting.pop(rid, None)
 
     def _dualscale_failed(self, ds: Reporting, e: BaseException) -> None:
         ds.failed = e

@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import weakref
+from array import array
 from collections import deque
 from pathlib import Path
 from typing import Literal
@@ -64,11 +65,20 @@ _F8 = np.dtype("<f8")
 _I8 = np.dtype("<i8")
 
 
-def _f64(x: ArrayLike) -> bytes:
+# An array.array of C doubles / long longs on a little-endian host already holds the wire format:
+# its buffer is sent as it is (an engine hook builds one from its requests without NumPy).
+_NATIVE_OK = sys.byteorder == "little"
+
+
+def _f64(x: ArrayLike) -> bytes | memoryview:
+    if _NATIVE_OK and type(x) is array and x.typecode == "d":
+        return memoryview(x)
     return np.ascontiguousarray(x, dtype=_F8).tobytes()
 
 
-def _i64(x: ArrayLike) -> bytes:
+def _i64(x: ArrayLike) -> bytes | memoryview:
+    if _NATIVE_OK and type(x) is array and x.typecode == "q" and x.itemsize == 8:
+        return memoryview(x)
     return np.ascontiguousarray(x, dtype=_I8).tobytes()
 
 
