@@ -65,8 +65,8 @@ def entry_point_installed() -> bool:
 
 
 class Engine:
-    """The SGLang side of a test: loads the plugins, publishes the process's ranks and role, builds
-    schedulers; undoes all of it after the test."""
+    """The SGLang side of a test: loads the plugins and publishes the process's ranks and role as
+    SGLang's scheduler process does; undoes both after the test."""
 
     def __init__(self, monkeypatch, tmp_path) -> None:
         self.mp = monkeypatch
