@@ -3,7 +3,7 @@
 - :mod:`dualscale.integrations.vllm`: vLLM v1 scheduler classes, enabled with
   ``--scheduler-cls dualscale.integrations.vllm.DualscaleAsyncScheduler``.
 - :mod:`dualscale.integrations.sglang`: an SGLang plugin (entry point ``sglang.srt.plugins``), inert
-  unless configured; tested on a stand-in only.
+  unless configured; tested on SGLang 0.5.23's real request, batch and hook-registry classes.
 - :mod:`dualscale.integrations.settings`: where an engine hook finds the controller's address, its
   instance name and its phase (engine config or environment), and the installed-version check.
 

@@ -26,7 +26,7 @@ from dualscale.errors import ConfigError
 
 #: Engine releases each integration is written and tested against, [minimum, below); the extras of
 #: pyproject.toml pin the same ranges.
-SUPPORTED = {"vllm": ("0.33", "0.34")}
+SUPPORTED = {"vllm": ("0.33", "0.34"), "sglang": ("0.5.23", "0.5.24")}
 
 ENV = {"controller": "DUALSCALE_CONTROLLER", "instance": "DUALSCALE_INSTANCE", "phase": "DUALSCALE_PHASE",
        "keys_dir": "DUALSCALE_KEYS_DIR"}

@@ -1,32 +1,35 @@
 """SGLang plugin: reports every scheduler iteration to the dualscale controller.
 
 Installed with dualscale as an entry point of SGLang's plugin group ``sglang.srt.plugins``
-(``pyproject.toml``), which SGLang loads in each of its processes. Inert unless configured: with
-neither ``DUALSCALE_CONTROLLER`` nor ``DUALSCALE_INSTANCE`` set (see
-:mod:`dualscale.integrations.settings`), :func:`register` registers nothing. Configured, it adds two
-hooks through SGLang's ``HookRegistry``: after ``Scheduler.__init__`` (the worker agent is created,
-on the scheduler of TP rank 0 only: SGLang runs one scheduler per GPU, the instance reports once) and
-around ``Scheduler.run_batch``, which every event loop (normal, overlap, P/D) calls once per
-iteration with the batch it has just scheduled.
+(``pyproject.toml``), which SGLang's ``load_plugins()`` runs in each of its processes. Inert unless
+configured: with neither ``DUALSCALE_CONTROLLER`` nor ``DUALSCALE_INSTANCE`` set (see
+:mod:`dualscale.integrations.settings`), :func:`register` registers nothing. Configured, it checks
+the installed SGLang against ``settings.SUPPORTED["sglang"]`` (scheduler internals are not a public
+interface; outside the range it logs one error and registers nothing) and adds two hooks through
+SGLang's ``HookRegistry``: after ``Scheduler.__init__`` (the worker agent is created) and around
+``Scheduler.run_batch``, which every event loop (normal, overlap, P/D) calls once per iteration
+with the batch it has just scheduled.
 
-Phase: ``--disaggregation-mode`` (``prefill``/``decode``; ``null`` needs ``DUALSCALE_PHASE``).
-With ``--dp-size`` > 1 each rank reports as ``<instance>-dp<rank>``.
+Ranks and role come from SGLang's runtime context (published before the scheduler is built):
+only the scheduler SGLang itself uses for request I/O reports (``get_parallel()``: ``pp_rank``,
+``attn_tp_rank`` and ``attn_cp_rank`` all 0; one per instance, one per attention-DP group); with
+more than one data-parallel rank (``num_dp_ranks``: ``--dp-size`` replicas or DP attention) it
+reports as ``<instance>-dp<dp_rank>``. Phase: ``get_disagg().disaggregation_mode``
+(``prefill``/``decode``; ``null`` needs ``DUALSCALE_PHASE``), read once at start.
 
-What an iteration reports (before the batch runs), read from these scheduler attributes:
+What an iteration reports (before the batch runs):
 
-- prefill: the requests of the batch still in prefill, then ``waiting_queue``, in arrival order:
-  arrival ``req.time_stats.wait_queue_entry_time`` (SGLang's ``time.perf_counter`` clock, so
-  ``now_s`` is on that clock too), prompt ``len(req.origin_input_ids)``, already in the KV cache
-  ``len(req.prefix_indices)`` (cached prefix and earlier chunks);
+- prefill: the requests of an extend batch with prompt left before it, then ``waiting_queue``, in
+  arrival order: arrival ``req.time_stats.wait_queue_entry_time`` (SGLang's ``time.perf_counter``
+  clock, so ``now_s`` is on that clock too), prompt ``len(req.origin_input_ids)``, already in the
+  KV cache ``req.prefix_len`` (where this round's extend starts: cached prefix plus earlier chunks);
 - decode: ``running_batch.reqs`` that have output tokens: first-token time (when a report first sees
   ``req.output_ids`` non-empty: SGLang keeps no such time; up to one iteration late), tokens out
   ``len(req.output_ids)``, context prompt + output;
-- KV use: ``1 - (token_to_kv_pool_allocator.available_size() + tree_cache.evictable_size()) /
-  max_total_num_tokens`` (SGLang's own token usage); the time between consecutive iterations.
+- KV use: SGLang's own token usage (``pool_stats_observer.get_pool_stats()``, as its load reports);
+  the time between consecutive iterations.
 
-NOT tested against SGLang itself (an 11 GB install whose scheduler cannot be built without a GPU):
-the tests drive a stand-in with the attributes above (``tests/integrations/sglang_standin.py``),
-written from SGLang's source. A failure is logged once and reporting stops; SGLang goes on.
+A failure is logged once and reporting stops; SGLang goes on.
 """
 
 from __future__ import annotations
@@ -38,26 +41,29 @@ from typing import Any
 
 import numpy as np
 
-from dualscale.integrations.settings import Phase, load_settings, resolve_phase
+from dualscale.integrations.settings import Phase, check_version, load_settings, resolve_phase
 
 log = logging.getLogger("dualscale.integrations.sglang")
 
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
-#: --disaggregation-mode -> phase
+#: get_disagg().disaggregation_mode -> phase
 MODE_PHASE: dict[str, Phase] = {"prefill": "prefill", "decode": "decode"}
 
 
 def register() -> None:
-    """SGLang's plugin entry point: add the hooks when dualscale is configured, else nothing."""
+    """SGLang's plugin entry point: add the hooks when dualscale is configured and the installed
+    SGLang is a supported release, else nothing (an error logged when configured)."""
     try:
         settings = load_settings(None, "environment")
+        if not settings.enabled:
+            return
+        import sglang
+
+        check_version("sglang", sglang.__version__)
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     except Exception as e:  # never stop SGLang
         log.error("dualscale: reporting is off: %s: %s", type(e).__name__, e)
         return
-    if not settings.enabled:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
     HookRegistry.register(f"{SCHEDULER}.__init__", _after_init, HookType.AFTER)
     HookRegistry.register(f"{SCHEDULER}.run_batch", _around_run_batch, HookType.AROUND)
 
@@ -77,21 +83,30 @@ class Reporting:
 def _after_init(result: Any, sched: Any, *args: Any, **kwargs: Any) -> None:
     sched._dualscale = None
     try:
-        if getattr(sched, "tp_rank", 0) != 0 or getattr(sched, "pp_rank", 0) != 0:
-            return  # one report per instance: from its first GPU's scheduler
-        sa = sched.server_args
-        settings = load_settings(None, "environment")
-        mode = str(getattr(sa, "disaggregation_mode", "null"))
-        phase = resolve_phase(settings.phase, MODE_PHASE.get(mode), f"--disaggregation-mode {mode}")
-        instance = settings.instance
-        if getattr(sa, "dp_size", 1) > 1:
-            instance = f"{instance}-dp{sched.dp_rank or 0}"
-        from dualscale.runtime.worker import WorkerAgent
-
-        sched._dualscale = Reporting(WorkerAgent(settings.controller, instance, phase, keys_dir=settings.keys_dir or None), instance, phase)
-        log.info("dualscale: reporting %s iterations as %r to %s", phase, instance, settings.controller)
+        start(sched)
     except Exception as e:  # never raise into the engine
         log.error("dualscale: reporting is off: %s: %s", type(e).__name__, e)
+
+
+def start(sched: Any) -> None:
+    """Give ``sched`` its reporting state when it is the scheduler its instance reports from."""
+    from sglang.srt.runtime_context import get_disagg, get_parallel
+
+    par = get_parallel()
+    # the ranks SGLang itself talks to the tokenizer from: one per instance and attention-DP group
+    if par.pp_rank != 0 or par.attn_tp_rank != 0 or par.attn_cp_rank != 0:
+        return
+    settings = load_settings(None, "environment")
+    mode = str(get_disagg().disaggregation_mode)
+    phase = resolve_phase(settings.phase, MODE_PHASE.get(mode), f"--disaggregation-mode {mode}")
+    instance = settings.instance
+    if par.num_dp_ranks > 1:
+        instance = f"{instance}-dp{par.dp_rank or 0}"
+    from dualscale.runtime.worker import WorkerAgent
+
+    agent = WorkerAgent(settings.controller, instance, phase, keys_dir=settings.keys_dir or None)
+    sched._dualscale = Reporting(agent, instance, phase)
+    log.info("dualscale: reporting %s iterations as %r to %s", phase, instance, settings.controller)
 
 
 def _around_run_batch(original_fn: Any, sched: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -111,8 +126,8 @@ def _around_run_batch(original_fn: Any, sched: Any, batch: Any, *args: Any, **kw
 
 
 def _kv_util(sched: Any) -> float:
-    free = sched.token_to_kv_pool_allocator.available_size() + sched.tree_cache.evictable_size()
-    return min(1.0, max(0.0, 1.0 - free / sched.max_total_num_tokens))
+    _, usage = sched.pool_stats_observer.get_pool_stats().get_kv_token_stats()
+    return min(1.0, max(0.0, usage))
 
 
 def _report(sched: Any, ds: Reporting, batch: Any) -> None:
@@ -121,11 +136,11 @@ def _report(sched: Any, ds: Reporting, batch: Any) -> None:
     ds.last_s = now
     if ds.phase == "prefill":
         chunks = [r for r in (batch.reqs if batch is not None and batch.forward_mode.is_extend() else ())
-                  if len(r.prefix_indices) < len(r.origin_input_ids)]
+                  if r.prefix_len < len(r.origin_input_ids)]
         reqs = chunks + list(sched.waiting_queue)
         arrival = np.frombuffer(array("d", [r.time_stats.wait_queue_entry_time for r in reqs]))
         prompt = np.frombuffer(array("q", [len(r.origin_input_ids) for r in reqs]), np.int64)
-        prefilled = np.frombuffer(array("q", [len(r.prefix_indices) for r in reqs]), np.int64)
+        prefilled = np.frombuffer(array("q", [r.prefix_len for r in reqs]), np.int64)
         if len(reqs) > 1 and (arrival[1:] < arrival[:-1]).any():
             order = np.argsort(arrival, kind="stable")
             arrival, prompt, prefilled = arrival[order], prompt[order], prefilled[order]
