@@ -242,35 +242,49 @@ def request_clock(freq_mhz, now_s, si, sf, pv, p_int, rng):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
-def _plant_step(ctx, pv, p_rows, p_int, rng):
-    """The step's time and power on every clock as the plant runs it (rows PR_TIME_S, PR_POWER_W)."""
+def _plant_col(k, mem, comp, top_s, f, pv, p_rows):
+    """Column ``k`` of the plant's grid: the model's time and power there, made the truth's."""
+    t, p = pm.eval_clock(mem, comp, pv[:pm.N_COEF], p_rows, k)
+    shape = pv[pm.N_COEF + P_SHAPE]
+    if shape != 0.0:
+        t = top_s + (1.0 + shape) * (t - top_s)
+    p_rows[PR_TIME_S, k] = t * f
+    p_rows[PR_POWER_W, k] = p * pv[pm.N_COEF + P_POWER_FACTOR]
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def _plant_step(ctx, si, pv, p_rows, p_int, rng):
+    """The step about to run as the plant runs it (rows PR_TIME_S, PR_POWER_W of p_rows): the
+    columns of the clock in effect and of a switch under way only, unless a power cap binds
+    (then every clock, to find the ones that fit). Columns are independent, so this equals
+    evaluating the whole grid."""
     coef = pv[:pm.N_COEF]
-    out = p_rows[PR_TIME_S:PR_POWER_W + 1]
-    pm.decode_grid(ctx, coef, p_rows[:pm.N_TABLE_ROWS], out)
     base = pm.N_COEF
     f_n = p_rows.shape[1]
-    eff = p_int[PI_EFF]
-    t = p_rows[PR_TIME_S]
-    p = p_rows[PR_POWER_W]
-    shape = pv[base + P_SHAPE]
-    if shape != 0.0:
-        top = t[f_n - 1]
-        for k in range(f_n):
-            t[k] = top + (1.0 + shape) * (t[k] - top)
+    top = f_n - 1
+    mem, comp = pm.decode_work_s(ctx, coef)
+    top_s = pm.eval_clock(mem, comp, coef, p_rows, top)[0] if pv[base + P_SHAPE] != 0.0 else 0.0
     f = pv[base + P_TIME_FACTOR]
     sigma = pv[base + P_SIGMA]
     if rng is not None and sigma > 0.0:
         f *= math.exp(sigma * rng.standard_normal() - 0.5 * sigma * sigma)
-    pf = pv[base + P_POWER_FACTOR]
-    for k in range(f_n):
-        t[k] *= f
-        p[k] *= pf
+    eff = p_int[PI_EFF]
     cap = pv[base + P_CAP_W]
-    if cap <= 0.0 or p[f_n - 1] <= cap:
-        for k in range(f_n):
-            eff[k] = k
+    if cap > 0.0:
+        _plant_col(top, mem, comp, top_s, f, pv, p_rows)
+    if cap <= 0.0 or p_rows[PR_POWER_W, top] <= cap:
+        if eff[top] != top:  # a capped step ran before: every clock runs as asked again
+            for k in range(f_n):
+                eff[k] = k
+        _plant_col(si[S_J], mem, comp, top_s, f, pv, p_rows)
+        if si[S_PENDING_J] >= 0:
+            _plant_col(si[S_PENDING_J], mem, comp, top_s, f, pv, p_rows)
         return
     # a capped GPU runs at the highest clock whose power fits (the lowest clock if none does)
+    t = p_rows[PR_TIME_S]
+    p = p_rows[PR_POWER_W]
+    for k in range(f_n):
+        _plant_col(k, mem, comp, top_s, f, pv, p_rows)
     best = -1
     for k in range(f_n):
         if p[k] <= cap:
@@ -491,7 +505,7 @@ def advance(t_s, horizon_s, entry, si, sf, batch, first_s, wait, req_i, req_f, p
         else:  # RUN_DECIDED
             f = int(cv[C_FIXED_MHZ])
         request_clock(f, t_s, si, sf, pv, p_int, rng)
-        _plant_step(batch[B_CTX, :n], pv, p_rows, p_int, rng)
+        _plant_step(batch[B_CTX, :n], si, pv, p_rows, p_int, rng)
         si[S_BUSY] = 1
         t1 = _run(t_s, si, sf, pv, p_rows, p_int, tl_f, tl_i)
         if t1 >= horizon_s or mode == MODE_EXTERNAL:
