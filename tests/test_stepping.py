@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st_
 
 from dualscale._kernels import stepping as st
-from dualscale.control import Correction, DecodeController, DecodePlant, DecodeStepper
+from dualscale.control import Correction, DecodeController, Plant, DecodeStepper
 from dualscale.control import correction as corr
 import reference as ref
 
@@ -37,7 +37,7 @@ def test_correction_kernel_agrees_with_correction(obs, z):
 
 
 plants = st_.builds(
-    DecodePlant, time_factor=st_.floats(0.7, 1.5), power_factor=st_.floats(0.8, 1.3),
+    Plant, time_factor=st_.floats(0.7, 1.5), power_factor=st_.floats(0.8, 1.3),
     clock_shape_error=st_.sampled_from([0.0, 0.15, -0.1]), latency_noise=st_.sampled_from([0.0, 0.05]),
     power_cap_w=st_.sampled_from([0.0, 450.0, 600.0]), switch_jitter=st_.sampled_from([0.0, 0.5]))
 
@@ -63,7 +63,7 @@ def test_stepper_agrees_with_per_step_controller(profile, plant, lengths, contro
     prompt = np.array([r[1] for r in reqs], dtype=np.int64)
     output = np.array([r[2] for r in reqs], dtype=np.int64)
     need = np.array([r[3] for r in reqs], dtype=np.int64)
-    req_i, req_f = DecodeStepper.request_arrays(prompt, output, need)
+    req_i, req_f = DecodeStepper.request_arrays(np.zeros(len(reqs)), prompt, output, need)
     req_f[DecodeStepper.REQ_FIRST_TOKEN_S] = 0.0
     req_f[DecodeStepper.REQ_READY_S] = 0.0
     c_new = make()

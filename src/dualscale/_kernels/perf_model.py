@@ -81,8 +81,9 @@ def work_s(n_requests, context_tokens, new_tokens, attention_pairs, coef):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
-def prefill_grid(chunk_tokens, prefix_tokens, coef, table, out):
-    """Prefill batch of chunks (``chunk_tokens[i]`` new tokens after ``prefix_tokens[i]``) on the grid."""
+def prefill_work_s(chunk_tokens, prefix_tokens, coef):
+    """(memory-bound s, compute-bound s) of a prefill batch of chunks (``chunk_tokens[i]`` new
+    tokens after ``prefix_tokens[i]``) at the reference clock."""
     new = 0.0
     prefix = 0.0
     pairs = 0.0
@@ -93,7 +94,13 @@ def prefill_grid(chunk_tokens, prefix_tokens, coef, table, out):
         prefix += p
         # causal attention: query j of the chunk sees the prefix and j earlier chunk tokens + itself
         pairs += l * p + 0.5 * l * (l + 1.0)
-    mem, comp = work_s(chunk_tokens.shape[0], prefix, new, pairs, coef)
+    return work_s(chunk_tokens.shape[0], prefix, new, pairs, coef)
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def prefill_grid(chunk_tokens, prefix_tokens, coef, table, out):
+    """Prefill batch on the grid (see :func:`prefill_work_s`)."""
+    mem, comp = prefill_work_s(chunk_tokens, prefix_tokens, coef)
     eval_clocks(mem, comp, coef, table, out)
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from numba import njit
 
 from dualscale._kernels import CACHE, FASTMATH
+from dualscale._kernels import mpc
 from dualscale._kernels import perf_model as pm
 from dualscale._kernels import slack as sk
 
@@ -58,7 +59,10 @@ S_TL_N = 9  # timeline segments written
 S_BUSY = 10  # 1 while a step runs
 S_STEPS = 11  # steps completed (events of the per-step engine)
 S_RESUME = 12  # after TIMELINE_FULL: the entry to call again with
-N_SI = 13
+S_LOAD = 13  # prefill: prompt tokens queued, not yet prefilled (the router's load)
+S_ROUTE_N = 14  # prefill: requests in ``routed`` whose prompt completed and go on to decode
+S_ONLY = 15  # prefill: 1 when prefill runs alone (requests finish with their first token)
+N_SI = 16
 
 # ---- sf: float state ----
 F_T_ACCT = 0  # energy is accounted up to here (s)
@@ -83,12 +87,15 @@ R_OUTPUT = 1
 R_NEED = 2  # KV tokens reserved while it runs (prompt + output, whole blocks)
 R_TOKENS_OUT = 3  # written at finish
 R_KV_BLOCKED = 4  # 1 if it was held back because the KV cache was full
-N_R = 5
+R_PREFILLED = 5  # prompt tokens prefilled so far
+R_REJECTED = 6  # 1 if no decode instance can ever hold it
+N_R = 7
 Q_FIRST_TOKEN = 0
 Q_READY = 1  # reached its decode instance
 Q_ADMIT_WAIT = 2  # written at admission
 Q_FINISH = 3  # written at finish
-N_Q = 4
+Q_ARRIVAL = 4
+N_Q = 5
 
 # ---- plant parameters (pv[pm.N_COEF + P_*]) ----
 P_TIME_FACTOR = 0
@@ -102,7 +109,8 @@ P_TP = 7
 P_KV_CAPACITY = 8
 P_MAX_BATCH = 9
 P_IDLE_MHZ = 10  # clock asked for when the batch empties
-N_P = 11
+P_MAX_BATCH_TOKENS = 11  # prefill chunking budget
+N_P = 12
 N_PV = pm.N_COEF + N_P
 
 # ---- p_rows ----
@@ -253,16 +261,15 @@ def _plant_col(k, mem, comp, top_s, f, pv, p_rows):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
-def _plant_step(ctx, si, pv, p_rows, p_int, rng):
-    """The step about to run as the plant runs it (rows PR_TIME_S, PR_POWER_W of p_rows): the
-    columns of the clock in effect and of a switch under way only, unless a power cap binds
-    (then every clock, to find the ones that fit). Columns are independent, so this equals
-    evaluating the whole grid."""
+def _plant_step(mem, comp, si, pv, p_rows, p_int, rng):
+    """The iteration about to run (work ``mem``, ``comp`` at the reference clock) as the plant runs
+    it (rows PR_TIME_S, PR_POWER_W of p_rows): the columns of the clock in effect and of a switch
+    under way only, unless a power cap binds (then every clock, to find the ones that fit).
+    Columns are independent, so this equals evaluating the whole grid."""
     coef = pv[:pm.N_COEF]
     base = pm.N_COEF
     f_n = p_rows.shape[1]
     top = f_n - 1
-    mem, comp = pm.decode_work_s(ctx, coef)
     top_s = pm.eval_clock(mem, comp, coef, p_rows, top)[0] if pv[base + P_SHAPE] != 0.0 else 0.0
     f = pv[base + P_TIME_FACTOR]
     sigma = pv[base + P_SIGMA]
@@ -505,11 +512,109 @@ def advance(t_s, horizon_s, entry, si, sf, batch, first_s, wait, req_i, req_f, p
         else:  # RUN_DECIDED
             f = int(cv[C_FIXED_MHZ])
         request_clock(f, t_s, si, sf, pv, p_int, rng)
-        _plant_step(batch[B_CTX, :n], si, pv, p_rows, p_int, rng)
+        mem, comp = pm.decode_work_s(batch[B_CTX, :n], pv[:pm.N_COEF])
+        _plant_step(mem, comp, si, pv, p_rows, p_int, rng)
         si[S_BUSY] = 1
         t1 = _run(t_s, si, sf, pv, p_rows, p_int, tl_f, tl_i)
         if t1 >= horizon_s or mode == MODE_EXTERNAL:
             return RUNNING, t1
+        t_s = t1
+        entry = AT_BOUNDARY
+
+
+# ---- prefill instances ----
+# ``queue`` int64 (3, capq): requests waiting for prefill, FCFS in [si[S_W_HEAD], si[S_W_TAIL]),
+# rows QU_RID, then QU_PROMPT and QU_DONE (prompt tokens, tokens prefilled: the two rows
+# mpc.project reads, as Q_PROMPT and Q_DONE). ``work`` int64 (3, capq + 1): the projection's
+# chunk tokens and prefixes and per-request batch; ``small`` int64 (3,): its bounds (2) and batch
+# tokens (1). The running batch is one chunk for each of the first si[S_N] queued requests.
+# ``routed`` int64 (capq,): requests whose prompt completed at the last boundary, for decode.
+QU_RID = 0
+QU_PROMPT = 1
+QU_DONE = 2
+N_QU = 3
+assert (QU_PROMPT - 1, QU_DONE - 1) == (mpc.Q_PROMPT, mpc.Q_DONE)
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def _prefill_done(t_s, si, queue, work, req_i, req_f, routed):
+    """The running batch's chunks are in the KV cache: requests whose prompt completed emit their
+    first token, and finish (prefill alone, or one output token) or go on to decode."""
+    nr = 0
+    head = si[S_W_HEAD]
+    for c in range(si[S_N]):
+        k = head + c
+        r = queue[QU_RID, k]
+        take = work[0, c]
+        done = queue[QU_DONE, k] + take
+        queue[QU_DONE, k] = done
+        req_i[R_PREFILLED, r] = done
+        si[S_LOAD] -= take
+        if done == queue[QU_PROMPT, k]:
+            si[S_W_HEAD] += 1
+            req_f[Q_FIRST_TOKEN, r] = t_s
+            if req_i[R_OUTPUT, r] <= 1 or si[S_ONLY] != 0:
+                req_f[Q_FINISH, r] = t_s
+                req_i[R_TOKENS_OUT, r] = 1
+            elif req_i[R_REJECTED, r] == 0:  # a rejected one can never fit a decode instance
+                routed[nr] = r
+                nr += 1
+    si[S_N] = 0
+    si[S_ROUTE_N] = nr
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def advance_prefill(t_s, horizon_s, entry, si, sf, queue, work, small, routed, req_i, req_f, pv, p_rows, p_int, cv,
+                    tl_f, tl_i, rng):
+    """Run a prefill instance's batches from ``t_s`` (see ``entry``) while they end before
+    ``horizon_s``; stops after a boundary that sent requests on to decode (``si[S_ROUTE_N]`` of
+    them in ``routed``: the caller routes them at that time) and before one that would. Returns
+    (code, time s) as :func:`advance`."""
+    if entry == IDLE_TO:
+        idle_until(t_s, si, sf, pv, p_rows, p_int, tl_f, tl_i)
+        return IDLE, t_s
+    mode = int(cv[C_MODE])
+    cap_tl = tl_f.shape[1]
+    si[S_ROUTE_N] = 0
+    while True:
+        if si[S_TL_N] + SEGMENTS_PER_STEP > cap_tl:
+            si[S_RESUME] = entry
+            return TIMELINE_FULL, t_s
+        if entry == AT_BOUNDARY:
+            si[S_STEPS] += 1
+            si[S_BUSY] = 0
+            _prefill_done(t_s, si, queue, work, req_i, req_f, routed)
+            if si[S_W_HEAD] == si[S_W_TAIL]:
+                si[S_QUEUE] = 0
+                request_clock(int(pv[pm.N_COEF + P_IDLE_MHZ]), t_s, si, sf, pv, p_int, rng)
+                return IDLE, t_s
+            entry = AT_START
+        head = si[S_W_HEAD]
+        tail = si[S_W_TAIL]
+        if entry == AT_START:
+            idle_until(t_s, si, sf, pv, p_rows, p_int, tl_f, tl_i)
+            si[S_QUEUE] = tail - head
+            if mode == MODE_EXTERNAL:
+                return NEED_DECISION, t_s
+        f = int(cv[C_FIXED_MHZ])
+        request_clock(f, t_s, si, sf, pv, p_int, rng)
+        # the next batch by the very rule the prefill controller projects (one chunk per request)
+        mpc.project(queue[QU_PROMPT:, head:tail], int(pv[pm.N_COEF + P_MAX_BATCH_TOKENS]), 1, work[0], work[1],
+                    small[:2], work[2], small[2:])
+        n = small[1]
+        si[S_N] = n
+        mem, comp = pm.prefill_work_s(work[0, :n], work[1, :n], pv[:pm.N_COEF])
+        _plant_step(mem, comp, si, pv, p_rows, p_int, rng)
+        si[S_BUSY] = 1
+        t1 = _run(t_s, si, sf, pv, p_rows, p_int, tl_f, tl_i)
+        if t1 >= horizon_s or mode == MODE_EXTERNAL or si[S_ROUTE_N] > 0:
+            return RUNNING, t1
+        # a boundary that sends a request on to decode is the caller's to run, at its time
+        for c in range(n):
+            r = queue[QU_RID, head + c]
+            if (queue[QU_DONE, head + c] + work[0, c] == queue[QU_PROMPT, head + c] and req_i[R_OUTPUT, r] > 1
+                    and si[S_ONLY] == 0 and req_i[R_REJECTED, r] == 0):
+                return RUNNING, t1
         t_s = t1
         entry = AT_BOUNDARY
 
@@ -534,7 +639,17 @@ def warm_up() -> None:
     tl_f = np.zeros((3, 8))
     tl_i = np.zeros((3, 8), dtype=np.int64)
     wait = np.zeros(1, dtype=np.int64)
+    queue = np.ones((N_QU, 2), dtype=np.int64)
+    queue[QU_RID] = 0
+    queue[QU_DONE] = 0
     for rng in (None, np.random.default_rng(0)):
+        si2 = si.copy()
+        si2[S_W_TAIL] = 1
+        pv2 = pv.copy()
+        pv2[pm.N_COEF + P_MAX_BATCH_TOKENS] = 8
+        advance_prefill(0.0, 0.0, AT_START, si2, sf.copy(), queue.copy(), np.zeros((3, 3), dtype=np.int64),
+                        np.zeros(3, dtype=np.int64), np.zeros(2, dtype=np.int64), req_i.copy(), req_f.copy(), pv2,
+                        p_rows.copy(), p_int.copy(), cv.copy(), tl_f.copy(), tl_i.copy(), rng)
         advance(0.0, 0.0, AT_START, si.copy(), sf.copy(), batch.copy(), np.zeros(2), wait, req_i.copy(),
                 req_f.copy(), pv, p_rows.copy(), p_int.copy(), cv.copy(), c_rows.copy(), tl_f.copy(), tl_i.copy(),
                 rng)

@@ -44,7 +44,6 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -52,7 +51,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from dualscale.control import BatchFormer, DecodePlant, DecodeStepper
+from dualscale.control import DecodeController, DecodeStepper, Plant, PrefillStepper
 from dualscale.profile import Profile
 from dualscale.sim.policies import DecodeControl, Policy, PrefillControl
 from dualscale.sim.scenario import Scenario
@@ -84,145 +83,34 @@ class Timeline:
         return cls(f[0], f[1], i[0], f[2], i[1], i[2].astype(np.bool_))
 
 
-class _Instance:
-    """Clock state and energy accounting of a prefill instance (decode instances keep the same in
-    their compiled stepper)."""
+class _Prefill:
+    """A prefill instance: its compiled stepper (queue, batches, clock, energy, timeline) and its control."""
 
-    def __init__(self, index: int, phase: str, tp: int, profile: Profile, delay_s: float, weight: float,
-                 start_mhz: int, truth: GroundTruth | None) -> None:
+    def __init__(self, control: PrefillControl, stepper: PrefillStepper, index: int, tp: int, weight: float) -> None:
+        self.control = control
+        self.stepper = stepper
         self.index = index
-        self.phase = phase
         self.tp = tp
         self.weight = weight
-        self.delay_s = delay_s
-        self.clocks = profile.clocks_mhz
-        self.f0 = int(self.clocks[0])
-        self.step = int(profile.config.gpu.clock_step_mhz)
-        self.idle_w = np.asarray(profile.idle_power_w(self.clocks.astype(np.float64)), dtype=np.float64)
-        self.grid = profile.evaluator(phase, tp)  # type: ignore[arg-type]
-        self.out = self.grid.out  # the running iteration's time and power on every clock (the truth's)
-        self.truth = truth
-        self.eff: NDArray[np.int64] | None = None  # clock that runs per clock asked (None: the same)
-        self.iter_j = -1  # clock the last iteration ran at throughout, -1 if it changed midway
-        self.step_started_s = 0.0
-        self.j = self._idx(start_mhz)  # clock in effect (grid index)
-        self.pending_j = -1
-        self.pending_at_s = 0.0
-        self.t_acct_s = 0.0  # energy is accounted up to here
-        self.busy = False
-        self.energy_busy_j = 0.0
-        self.energy_idle_j = 0.0
-        self._tl_f = np.zeros((3, 256))
-        self._tl_i = np.zeros((3, 256), dtype=np.int64)
-        self._tl_n = 0
-        self.queue_len = 0
+        self.asks = stepper.asks  # the control decides and learns in Python, one batch per call
+        self.done_at_s = math.inf  # end of the batch running (inf when idle)
 
     @property
     def timeline(self) -> Timeline:
-        return Timeline.of_segments(self._tl_f[:, :self._tl_n], self._tl_i[:, :self._tl_n])
+        return Timeline.of_segments(*self.stepper.segments())
 
-    def _idx(self, freq_mhz: int) -> int:
-        return (int(freq_mhz) - self.f0) // self.step
+    @property
+    def energy_busy_j(self) -> float:
+        return self.stepper.energy_busy_j
 
-    def request_clock(self, freq_mhz: int, now_s: float) -> None:
-        j = self._idx(freq_mhz)
-        target = self.pending_j if self.pending_j >= 0 else self.j
-        if j == target:
-            return
-        if j == self.j:  # asking for the clock in effect again cancels the switch under way
-            self.pending_j = -1
-        elif self.delay_s == 0.0:
-            self.j = j
-            self.pending_j = -1
-        else:
-            self.pending_j = j
-            self.pending_at_s = now_s + (self.delay_s if self.truth is None else self.truth.switch_delay_s(self.delay_s))
-
-    def _segment(self, t0: float, t1: float, j: int, power_w: float, busy: bool) -> None:
-        if t1 <= t0:
-            return
-        power_w = float(power_w)
-        e = self.tp * power_w * (t1 - t0)
-        if busy:
-            self.energy_busy_j += e
-        else:
-            self.energy_idle_j += e
-        k = self._tl_n
-        if k == self._tl_f.shape[1]:
-            self._tl_f = np.concatenate([self._tl_f, np.zeros_like(self._tl_f)], axis=1)
-            self._tl_i = np.concatenate([self._tl_i, np.zeros_like(self._tl_i)], axis=1)
-        self._tl_f[:, k] = (t0, t1, power_w)
-        self._tl_i[:, k] = (self.read_back_mhz(j), self.queue_len, busy)
-        self._tl_n = k + 1
-
-    def idle_until(self, t_s: float) -> None:
-        """Account idle power from the last accounted time to ``t_s`` (splitting at a clock switch)."""
-        t0 = self.t_acct_s
-        if t_s <= t0:
-            return
-        if self.pending_j >= 0 and self.pending_at_s < t_s:
-            mid = max(t0, self.pending_at_s)
-            self._segment(t0, mid, self.j, self.idle_w[self.j], False)
-            self.j = self.pending_j
-            self.pending_j = -1
-            t0 = mid
-        self._segment(t0, t_s, self.j, self.idle_w[self.j], False)
-        self.t_acct_s = t_s
-
-    def read_back_mhz(self, j: int) -> int:
-        """The clock that runs (and reads back) when column ``j`` is asked for: a capped GPU runs lower."""
-        return int(self.clocks[j if self.eff is None else self.eff[j]])
-
-    def evaluate(self, out: NDArray[np.float64]) -> None:
-        """The model's grid for the iteration about to run is in ``out``: make it the truth's."""
-        if self.truth is not None:
-            self.eff = self.truth.apply(out)
-
-    def run(self, t0: float) -> float:
-        """Run the iteration whose grid evaluation is in ``self.out`` from ``t0``; returns its end."""
-        times = self.out[0]
-        power = self.out[1]
-        j = self.j
-        t_old = float(times[j])
-        self.step_started_s = t0
-        if self.pending_j < 0 or self.pending_at_s >= t0 + t_old:
-            t1 = t0 + t_old
-            self._segment(t0, t1, j, power[j], True)
-            self.iter_j = j
-        else:
-            self.iter_j = -1
-            s1 = max(0.0, self.pending_at_s - t0)
-            jn = self.pending_j
-            mid = t0 + s1
-            t1 = mid + (1.0 - s1 / t_old) * float(times[jn])
-            self._segment(t0, mid, j, power[j], True)
-            self._segment(mid, t1, jn, power[jn], True)
-            self.j = jn
-            self.pending_j = -1
-        self.t_acct_s = t1
-        return t1
-
-    def measured(self, t: float) -> tuple[float, int, float]:
-        """What an engine measures of the iteration that just ended at ``t``: (time s, clock in
-        effect MHz as read back or 0 if it changed midway, power per GPU W or 0)."""
-        j = self.iter_j
-        if j < 0:
-            return t - self.step_started_s, 0, 0.0
-        return t - self.step_started_s, self.read_back_mhz(j), float(self.out[1, j])
-
-
-class _Prefill(_Instance):
-    def __init__(self, control: PrefillControl, **kw: object) -> None:
-        super().__init__(phase="prefill", start_mhz=control.idle_mhz, **kw)  # type: ignore[arg-type]
-        self.control = control
-        self.queue: deque[int] = deque()
-        self.load_tokens = 0  # prompt tokens queued, not yet prefilled (routing load)
-        self.batch: list[tuple[int, int]] = []  # (request, tokens) of the batch running
-        self.done_at_s = math.inf  # end of the batch running (inf when idle)
+    @property
+    def energy_idle_j(self) -> float:
+        return self.stepper.energy_idle_j
 
 
 class _Decode:
-    """A decode instance: its compiled stepper (batch, clock, energy, timeline) and its control."""
+    """A decode instance: its compiled stepper (batch, waiting requests, clock, energy, timeline)
+    and its control."""
 
     def __init__(self, control: DecodeControl, stepper: DecodeStepper, index: int, tp: int, weight: float,
                  kv_capacity_tokens: int) -> None:
@@ -232,7 +120,7 @@ class _Decode:
         self.tp = tp
         self.weight = weight
         self.kv_capacity_tokens = kv_capacity_tokens
-        self.asks = stepper.control is None  # the control decides in Python, one step per call
+        self.asks = stepper.asks  # the control decides and learns in Python, one step per call
         self.ready_s: list[float] = []  # heap of the times requests routed here reach it
 
     @property
@@ -315,12 +203,16 @@ class Simulation:
         model = profile.config.model
         self.block = int(model.kv_block_tokens)
         self.transfer_s_per_token = model.kv_bytes_per_token * 8.0 / (c.kv_link_gbps * 1e9)
-        self.former = BatchFormer(scenario.prefill.max_batch_tokens)
         truth = scenario.truth
         rng = np.random.default_rng(truth.seed)
 
-        def ground(phase: str, tp: int) -> GroundTruth | None:
-            return None if truth.is_model else GroundTruth(truth, phase, tp, rng)
+        def plant(phase: str, tp: int) -> Plant:
+            return Plant() if truth.is_model else GroundTruth(truth, phase, tp, rng).plant()
+
+        def stepping(control: PrefillControl | DecodeControl) -> DecodeController | int | None:
+            # a control without ``stepping`` (duck-typed, as tests and recorders write them) is asked every time
+            fast = getattr(control, "stepping", None)
+            return fast() if fast is not None else None
 
         if placement is None:
             pw = scenario.prefill.weights or [1.0] * scenario.prefill.instances
@@ -329,45 +221,47 @@ class Simulation:
                                   decode=[(scenario.decode.tp, None, w) for w in dw])
         if not placement.prefill or not placement.decode:
             raise ValueError("placement: needs at least one prefill and one decode instance")
-        self.prefill = [
-            _Prefill(policy.prefill(tp, base), index=i, tp=tp, profile=profile, delay_s=c.clock_switch_delay_s,
-                     weight=w, truth=ground("prefill", tp))
-            for i, (tp, base, w) in enumerate(placement.prefill)
-        ]
         n = len(trace)
         self.arrival_s = trace.arrival_s
         self.prompt = trace.input_tokens
         self.output = trace.output_tokens
         need = -(-(self.prompt + self.output) // self.block) * self.block
         self.need = need
-        # per-request records, shared with the decode steppers (which write admission and finish)
-        self._req_i, self._req_f = DecodeStepper.request_arrays(self.prompt, self.output, need)
+        # per-request records, shared with the steppers (which write prefill progress, first
+        # tokens, admission and finish)
+        req = DecodeStepper.request_arrays(self.arrival_s, self.prompt, self.output, need)
+        self._req_i, self._req_f = req
         S = DecodeStepper
         self.first_token_s = self._req_f[S.REQ_FIRST_TOKEN_S]
         self.ready_s = self._req_f[S.REQ_READY_S]
         self.admit_wait_s = self._req_f[S.REQ_ADMIT_WAIT_S]
         self.finish_s = self._req_f[S.REQ_FINISH_S]
         self.tokens_out = self._req_i[S.REQ_TOKENS_OUT]  # output tokens emitted, recorded at finish
+        self.prefilled = self._req_i[S.REQ_PREFILLED]
+        delay = c.clock_switch_delay_s
+        self.prefill = []
+        for i, (tp, base, w) in enumerate(placement.prefill):
+            pc = policy.prefill(tp, base)
+            stepper = PrefillStepper(profile, tp, stepping(pc), idle_freq_mhz=pc.idle_mhz, requests=req,
+                                     plant=plant("prefill", tp), switch_delay_s=delay,
+                                     max_batch_tokens=scenario.prefill.max_batch_tokens, prefill_only=only == "prefill",
+                                     rng=rng)
+            self.prefill.append(_Prefill(pc, stepper, i, tp, w))
         self.decode = []
         for i, (tp, base, w) in enumerate(placement.decode):
-            control = policy.decode(tp, base)
-            gt = ground("decode", tp)
+            dc = policy.decode(tp, base)
             kv = profile.kv_capacity_tokens(tp)
-            # a control without ``stepping`` (duck-typed, as tests and recorders write them) is asked every step
-            stepping = getattr(control, "stepping", None)
-            stepper = DecodeStepper(profile, tp, stepping() if stepping else None, idle_freq_mhz=control.idle_mhz,
-                                    requests=(self._req_i, self._req_f),
-                                    plant=DecodePlant() if gt is None else gt.decode_plant(),
-                                    switch_delay_s=c.clock_switch_delay_s, kv_capacity_tokens=kv,
-                                    max_batch_requests=scenario.decode.max_batch_requests, rng=rng)
-            self.decode.append(_Decode(control, stepper, i, tp, w, kv))
-        # a draw anywhere must keep its place in the run's order: then decode macro-steps stop at
-        # the next event of any kind
+            dstep = DecodeStepper(profile, tp, stepping(dc), idle_freq_mhz=dc.idle_mhz, requests=req,
+                                  plant=plant("decode", tp), switch_delay_s=delay, kv_capacity_tokens=kv,
+                                  max_batch_requests=scenario.decode.max_batch_requests, rng=rng)
+            self.decode.append(_Decode(dc, dstep, i, tp, w, kv))
+        # a draw anywhere must keep its place in the run's order: then macro-steps stop at the next
+        # event of any kind
         self._draws = not truth.is_model and (truth.latency_noise > 0.0 or truth.switch_jitter != 0.0)
         kv_cap = max(d.kv_capacity_tokens for d in self.decode)
-        self.prefilled = np.zeros(n, dtype=np.int64)
         self.decode_of = np.full(n, -1, dtype=np.int64)
         self.rejected = (need > kv_cap) & (self.output > 1) & (only != "prefill")
+        self._req_i[S.REQ_REJECTED] = self.rejected
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = 0
         self._next_r = 0
@@ -379,52 +273,42 @@ class Simulation:
 
     # ---- prefill ------------------------------------------------------------------------------
     def _arrive(self, r: int, t: float) -> None:
-        inst = min(self.prefill, key=lambda p: p.load_tokens / p.weight)
-        inst.queue.append(r)
-        inst.load_tokens += int(self.prompt[r])
-        if not inst.busy:
-            self._start_prefill(inst, t)
+        inst = min(self.prefill, key=lambda p: p.stepper.load_tokens / p.weight)
+        inst.stepper.enqueue(r)
+        if not inst.stepper.busy:
+            self._advance_prefill(inst, t, boundary=False)
 
-    def _start_prefill(self, inst: _Prefill, t: float) -> None:
-        inst.idle_until(t)
-        q = np.fromiter(inst.queue, dtype=np.int64, count=len(inst.queue))
-        inst.queue_len = q.size
-        prompt = self.prompt[q]
-        prefilled = self.prefilled[q]
-        f = inst.control.clock(t, self.arrival_s[q], prompt, prefilled, 0.0)
-        inst.request_clock(f, t)
-        # the next batch by the very rule the prefill controller projects
-        chunk_tokens, chunk_prefix = self.former.next_batch(prompt, prefilled)
-        n_chunks = chunk_tokens.shape[0]  # one chunk per request, in queue order
-        inst.evaluate(inst.grid.prefill(chunk_tokens, chunk_prefix))
-        inst.batch = list(zip(q[:n_chunks].tolist(), chunk_tokens.tolist()))
-        inst.busy = True
-        inst.done_at_s = inst.run(t)
-        self._push(inst.done_at_s, _PREFILL_DONE, inst.index)
-
-    def _prefill_done(self, inst: _Prefill, t: float) -> None:
-        inst.control.observe(*inst.measured(t))
-        inst.done_at_s = math.inf
-        for r, take in inst.batch:
-            self.prefilled[r] += take
-            inst.load_tokens -= take
-            if self.prefilled[r] == self.prompt[r]:
-                inst.queue.popleft()
-                self.first_token_s[r] = t
-                if self.output[r] <= 1 or self.only == "prefill":
-                    self.finish_s[r] = t
-                    self.tokens_out[r] = 1
-                elif self.rejected[r]:
-                    pass  # can never fit a decode instance: reported, never finishes
-                else:
-                    self._route_decode(r, t, t + self.prompt[r] * self.transfer_s_per_token)
-        inst.batch = []
-        inst.busy = False
-        if inst.queue:
-            self._start_prefill(inst, t)
+    def _advance_prefill(self, inst: _Prefill, t: float, boundary: bool) -> None:
+        """Run ``inst``'s batches from ``t`` (``boundary``: its batch in flight ended at ``t``) up
+        to the next arrival (which the router may send to it), or one batch when its control
+        decides in Python; requests whose prompt completed at ``t`` go on to decode."""
+        stepper = inst.stepper
+        if inst.asks:
+            if boundary:
+                inst.control.observe(*stepper.measured(t))
+            code, t1 = stepper.advance(t, t, boundary=boundary)
+            self._route_all(stepper.routed(), t)
+            if code == PrefillStepper.NEED_DECISION:
+                q, prompt, prefilled = stepper.queue_views()
+                t1 = stepper.run_decided(t1, inst.control.clock(t1, self.arrival_s[q], prompt, prefilled, 0.0))
+                code = PrefillStepper.RUNNING
         else:
-            inst.queue_len = 0
-            inst.request_clock(inst.control.idle_mhz, t)
+            h = float(self.arrival_s[self._next_r]) if self._next_r < self.arrival_s.size else math.inf
+            if self._draws and self._heap:
+                h = min(h, self._heap[0][0])
+            code, t1 = stepper.advance(t, h, boundary=boundary)
+            self._route_all(stepper.routed(), t)
+        if code == PrefillStepper.RUNNING:
+            inst.done_at_s = t1
+            self._push(t1, _PREFILL_DONE, inst.index)
+        else:
+            inst.done_at_s = math.inf
+            if t1 > self._last_s:
+                self._last_s = t1
+
+    def _route_all(self, requests: NDArray[np.int64], t: float) -> None:
+        for r in requests.tolist():
+            self._route_decode(r, t, t + self.prompt[r] * self.transfer_s_per_token)
 
     # ---- decode -------------------------------------------------------------------------------
     def _route_decode(self, r: int, t: float, ready_s: float) -> None:
@@ -491,7 +375,7 @@ class Simulation:
         arrivals = self.arrival_s
         n = arrivals.size
         heap = self._heap
-        events = 0  # decode steps are counted by their steppers
+        events = 0  # iterations are counted by their steppers
         t = 0.0
         report_every = max(1, n // 200)
         arrive = self._arrive_decode_only if self.only == "decode" else self._arrive
@@ -507,16 +391,16 @@ class Simulation:
             else:
                 t, _, kind, a = heapq.heappop(heap)
                 if kind == _PREFILL_DONE:
-                    self._prefill_done(self.prefill[a], t)
-                    events += 1
+                    self._advance_prefill(self.prefill[a], t, boundary=True)
                 elif kind == _DECODE_DONE:
                     self._advance_decode(self.decode[a], t, boundary=True)
                 else:
                     self._decode_ready(a, t)
                     events += 1
         end_s = max(float(t), self._last_s)
-        for inst in self.prefill:
-            inst.idle_until(end_s)
+        for p in self.prefill:
+            p.stepper.idle_until(end_s)
+            events += p.stepper.steps
         for d in self.decode:
             d.stepper.idle_until(end_s)
             d.stepper.sync()

@@ -49,6 +49,11 @@ class PrefillControl(_Observer, ABC):
 
     idle_mhz: int
 
+    def stepping(self) -> int | None:
+        """A fixed clock (MHz) the simulator's compiled batches can run in place of :meth:`clock`
+        and :meth:`observe`, or None (ask every batch)."""
+        return None
+
     @abstractmethod
     def clock(self, now_s: float, arrival_s: NDArray[np.float64], prompt_tokens: NDArray[np.int64],
               prefilled_tokens: NDArray[np.int64], kv_util: float) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from dualscale.control import DecodePlant
+from dualscale.control import Plant
 from dualscale.sim.scenario import Truth
 
 
@@ -59,8 +59,8 @@ class GroundTruth:
             return delay_s
         return delay_s * float((1.0 + self.jitter * self.rng.uniform(-1.0, 1.0, self.tp)).max())
 
-    def decode_plant(self) -> DecodePlant:
-        """The same truth for the decode fine tier's compiled steps (which draw from the same ``rng``)."""
-        return DecodePlant(time_factor=self.time_factor, power_factor=self.power_factor,
+    def plant(self) -> Plant:
+        """The same truth for the simulator's compiled iterations (which draw from the same ``rng``)."""
+        return Plant(time_factor=self.time_factor, power_factor=self.power_factor,
                            clock_shape_error=self.shape, latency_noise=self.sigma, power_cap_w=self.cap_w,
                            switch_jitter=self.jitter)
