@@ -1,4 +1,4 @@
-"""The macro-step engine against the per-event engine it replaced (sim/_engine_v1.py), run side by
+"""The macro-step engine against the per-event engine it replaced (bench/previous_engine.py), run side by
 side on the same inputs: every request's TTFT and TPOT, every instance's energy and timeline.
 
 Tolerances: energies to 1e-9 relative (the issue's bound); times to 1e-12 relative, since both
@@ -7,16 +7,21 @@ practice (the bound leaves room for a libm that rounds exp/log differently insid
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import msgspec
 import numpy as np
 import pytest
 
 from dualscale.profile import Profile
-from dualscale.sim import _engine_v1 as v1
 from dualscale.sim import engine as v2
 from dualscale.sim.policies import make_policy
 from dualscale.sim.scenario import load_scenario
 from dualscale.sim.traces import gamma_trace, load_trace, window
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import previous_engine as v1  # noqa: E402
 
 
 def _scenario(**changes):

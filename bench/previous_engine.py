@@ -1,5 +1,7 @@
-"""The previous per-event engine, kept only until the identity test (tests/sim/test_identity.py) has
-checked the macro-step engine against it. Do not use.
+"""The per-event engine dualscale.sim.engine replaced (as of commit b2a20ec), frozen here only so
+that bench/simulate.py can time it side by side with the current one and check that both give the
+same results. tests/sim/test_identity.py compared the two on several traces, truths and policies
+before the old engine left src/ (see that commit's history). Do not use it for anything else.
 
 Discrete-event simulation of a prefill/decode-disaggregated cluster with per-iteration clocks.
 
