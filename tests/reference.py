@@ -218,11 +218,12 @@ def decode_choose(now_s, first_token_s, tokens_out, context_tokens, slo_s, margi
 
 
 # ---- decode macro-steps (dualscale/_kernels/stepping.py) ----------------------------------------
-def decode_steps(profile, tp, control, idle_mhz, requests, plant, delay_s, kv_capacity, max_batch, rng):
+def decode_steps(profile, tp, control, idle_mhz, requests, truth, delay_s, kv_capacity, max_batch):
     """Twin of ``DecodeStepper``: one decode instance, every request waiting at t = 0, run step by
     step to the last finish with the public controller (``decide``/``observe`` per step) and the
-    truth written out in NumPy. ``requests``: list of (first token s, prompt tokens, output
-    tokens, KV need). Returns (finish times, tokens out, busy J, idle J, [(t0, t1, MHz, W, busy)])."""
+    truth as ``dualscale.sim.truth.GroundTruth`` states it in NumPy (``apply``, ``switch_delay_s``).
+    ``requests``: list of (first token s, prompt tokens, output tokens, KV need). Returns (finish
+    times and tokens out by request, busy J, idle J, [(t0, t1, MHz, W, busy)])."""
     clocks = profile.clocks_mhz
     f0, step = int(clocks[0]), int(profile.config.gpu.clock_step_mhz)
     coef, table = profile.coefficients("decode", tp), profile.clock_table("decode", tp)
@@ -245,27 +246,13 @@ def decode_steps(profile, tp, control, idle_mhz, requests, plant, delay_s, kv_ca
         elif delay_s == 0.0:
             state["j"], state["pending"] = j, -1
         else:
-            d = delay_s
-            if rng is not None and plant.switch_jitter != 0.0:
-                d = delay_s * float((1.0 + plant.switch_jitter * rng.uniform(-1.0, 1.0, tp)).max())
-            state["pending"], state["at"] = j, now + d
+            state["pending"], state["at"] = j, now + truth.switch_delay_s(delay_s)
 
-    def truth(ctx):
+    def run_truth(ctx):
         g = decode_grid(ctx, coef, table)
-        t, p = g[0], g[1]
-        if plant.clock_shape_error != 0.0:
-            t = t[-1] + (1.0 + plant.clock_shape_error) * (t - t[-1])
-        f = plant.time_factor
-        if rng is not None and plant.latency_noise > 0.0:
-            s = plant.latency_noise
-            f *= float(np.exp(s * rng.standard_normal() - 0.5 * s * s))
-        t, p = t * f, p * plant.power_factor
-        eff = np.arange(t.size)
-        if plant.power_cap_w > 0.0 and p[-1] > plant.power_cap_w:
-            eff = np.maximum.accumulate(np.where(p <= plant.power_cap_w, eff, -1)).clip(0)
-            t, p = t[eff], np.minimum(p[eff], plant.power_cap_w)
-        state["eff"] = eff
-        return t, p
+        eff = truth.apply(g)
+        state["eff"] = np.arange(clocks.size) if eff is None else eff
+        return g[0], g[1]
 
     waiting = list(range(len(requests)))
     run = []  # [request, tokens out, context]
@@ -285,7 +272,7 @@ def decode_steps(profile, tp, control, idle_mhz, requests, plant, delay_s, kv_ca
         first = np.array([requests[r][0] for r, _, _ in run])
         f = control if fixed else control.decide(t, first, np.array([o for _, o, _ in run]), ctx, kv).freq_mhz
         ask(f, t)
-        times, power = truth(ctx)
+        times, power = run_truth(ctx)
         j, t0 = state["j"], t
         if state["pending"] < 0 or state["at"] >= t0 + times[j]:
             t = t0 + times[j]

@@ -12,8 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st_
 
 from dualscale._kernels import stepping as st
-from dualscale.control import Correction, DecodeController, Plant, DecodeStepper
+from dualscale.control import Correction, DecodeController, DecodeStepper
 from dualscale.control import correction as corr
+from dualscale.sim.scenario import Truth
+from dualscale.sim.truth import GroundTruth
 import reference as ref
 
 positive = st_.floats(1e-4, 1.0)
@@ -36,16 +38,17 @@ def test_correction_kernel_agrees_with_correction(obs, z):
         assert got == pytest.approx(want, rel=1e-12, abs=1e-300, nan_ok=True)
 
 
-plants = st_.builds(
-    Plant, time_factor=st_.floats(0.7, 1.5), power_factor=st_.floats(0.8, 1.3),
+truths = st_.builds(
+    Truth, latency_bias_decode=st_.floats(-0.3, 0.5), power_bias_decode=st_.floats(-0.2, 0.3),
     clock_shape_error=st_.sampled_from([0.0, 0.15, -0.1]), latency_noise=st_.sampled_from([0.0, 0.05]),
     power_cap_w=st_.sampled_from([0.0, 450.0, 600.0]), switch_jitter=st_.sampled_from([0.0, 0.5]))
 
 
-@given(plants, st_.lists(st_.tuples(st_.integers(1, 3000), st_.integers(2, 60)), min_size=1, max_size=24),
+@given(truths, st_.lists(st_.tuples(st_.integers(1, 3000), st_.integers(2, 60)), min_size=1, max_size=24),
        st_.sampled_from(["slack", "tbt", 705, 1980]), st_.sampled_from([0.0, 0.02]), st_.integers(2, 8),
        st_.integers(0, 2**31))
-def test_stepper_agrees_with_per_step_controller(profile, plant, lengths, control, delay_s, max_batch, seed):
+def test_stepper_agrees_with_per_step_controller(profile, truth, lengths, control, delay_s, max_batch, seed):
+    """The compiled steps equal decide/observe per step on GroundTruth's NumPy truth, draws included."""
     tp = 4
     block = int(profile.config.model.kv_block_tokens)
     reqs = [(0.0, p, o, -(-(p + o) // block) * block) for p, o in lengths]
@@ -58,8 +61,10 @@ def test_stepper_agrees_with_per_step_controller(profile, plant, lengths, contro
 
     idle = 345
     c_ref = make()
-    finish, busy_j, idle_j, segs = ref.decode_steps(profile, tp, c_ref, idle, reqs, plant, delay_s, kv_capacity,
-                                                    max_batch, np.random.default_rng(seed))
+    finish, busy_j, idle_j, segs = ref.decode_steps(
+        profile, tp, c_ref, idle, reqs, GroundTruth(truth, "decode", tp, np.random.default_rng(seed)), delay_s,
+        kv_capacity, max_batch)
+    plant = GroundTruth(truth, "decode", tp, np.random.default_rng(0)).plant()
     prompt = np.array([r[1] for r in reqs], dtype=np.int64)
     output = np.array([r[2] for r in reqs], dtype=np.int64)
     need = np.array([r[3] for r in reqs], dtype=np.int64)

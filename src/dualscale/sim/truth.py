@@ -14,6 +14,10 @@ from dualscale.sim.scenario import Truth
 class GroundTruth:
     """Turns one instance's model grid (time and power on every clock) into the truth's.
 
+    The simulator runs this truth compiled (:meth:`plant` hands it to the instance's stepper, which
+    draws from the same ``rng`` in the same order); :meth:`apply` and :meth:`switch_delay_s` state
+    it in NumPy, and tests/test_stepping.py checks that the two agree.
+
     Args:
         truth: the scenario's ``[truth]``.
         phase: ``"prefill"`` or ``"decode"``.
