@@ -19,9 +19,12 @@ from dualscale.sim.truth import GroundTruth
 import reference as ref
 
 positive = st_.floats(1e-4, 1.0)
+# power: unknown (0) or a GPU's range; subnormal watts would overflow the ratio, which NumPy scalars
+# (the kernels without JIT) report as a warning
+power_w = st_.one_of(st_.just(0.0), st_.floats(1.0, 900.0))
 
 
-@given(st_.lists(st_.tuples(positive, positive, st_.floats(0.0, 900.0), st_.floats(0.0, 900.0)), min_size=1,
+@given(st_.lists(st_.tuples(positive, positive, power_w, power_w), min_size=1,
                  max_size=40), st_.sampled_from([corr.Z, corr.Z_DECODE]))
 def test_correction_kernel_agrees_with_correction(obs, z):
     c = Correction(z)

@@ -83,17 +83,17 @@ class Timeline:
         return cls(f[0], f[1], i[0], f[2], i[1], i[2].astype(np.bool_))
 
 
-class _Prefill:
-    """A prefill instance: its compiled stepper (queue, batches, clock, energy, timeline) and its control."""
+class _Served:
+    """An instance of either phase: its compiled stepper (clock, energy, timeline) and its control."""
 
-    def __init__(self, control: PrefillControl, stepper: PrefillStepper, index: int, tp: int, weight: float) -> None:
+    def __init__(self, control: PrefillControl | DecodeControl, stepper: PrefillStepper | DecodeStepper, index: int,
+                 tp: int, weight: float) -> None:
         self.control = control
         self.stepper = stepper
         self.index = index
         self.tp = tp
         self.weight = weight
-        self.asks = stepper.asks  # the control decides and learns in Python, one batch per call
-        self.done_at_s = math.inf  # end of the batch running (inf when idle)
+        self.asks = stepper.asks  # the control decides and learns in Python, one iteration per call
 
     @property
     def timeline(self) -> Timeline:
@@ -108,32 +108,28 @@ class _Prefill:
         return self.stepper.energy_idle_j
 
 
-class _Decode:
-    """A decode instance: its compiled stepper (batch, waiting requests, clock, energy, timeline)
-    and its control."""
+class _Prefill(_Served):
+    """A prefill instance (queue and batches in its stepper)."""
+
+    control: PrefillControl
+    stepper: PrefillStepper
+
+    def __init__(self, control: PrefillControl, stepper: PrefillStepper, index: int, tp: int, weight: float) -> None:
+        super().__init__(control, stepper, index, tp, weight)
+        self.done_at_s = math.inf  # end of the batch running (inf when idle)
+
+
+class _Decode(_Served):
+    """A decode instance (running batch and waiting requests in its stepper)."""
+
+    control: DecodeControl
+    stepper: DecodeStepper
 
     def __init__(self, control: DecodeControl, stepper: DecodeStepper, index: int, tp: int, weight: float,
                  kv_capacity_tokens: int) -> None:
-        self.control = control
-        self.stepper = stepper
-        self.index = index
-        self.tp = tp
-        self.weight = weight
+        super().__init__(control, stepper, index, tp, weight)
         self.kv_capacity_tokens = kv_capacity_tokens
-        self.asks = stepper.asks  # the control decides and learns in Python, one step per call
         self.ready_s: list[float] = []  # heap of the times requests routed here reach it
-
-    @property
-    def timeline(self) -> Timeline:
-        return Timeline.of_segments(*self.stepper.segments())
-
-    @property
-    def energy_busy_j(self) -> float:
-        return self.stepper.energy_busy_j
-
-    @property
-    def energy_idle_j(self) -> float:
-        return self.stepper.energy_idle_j
 
 
 @dataclass(frozen=True)
