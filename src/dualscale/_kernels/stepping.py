@@ -456,6 +456,22 @@ def _admit(t_s, si, pv, batch, first_s, wait, req_i, req_f):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
+def _timeline_full(entry, si, tl_f):
+    """True (and ``entry`` kept to resume with) when one more iteration might not fit the timeline."""
+    if si[S_TL_N] + SEGMENTS_PER_STEP > tl_f.shape[1]:
+        si[S_RESUME] = entry
+        return True
+    return False
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def _count_boundary(si):
+    """An iteration ended: one more event of the per-iteration engine; nothing runs now."""
+    si[S_STEPS] += 1
+    si[S_BUSY] = 0
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
 def advance(t_s, horizon_s, entry, si, sf, batch, first_s, wait, req_i, req_f, pv, p_rows, p_int, cv, c_rows,
             tl_f, tl_i, rng):
     """Run the instance's steps from ``t_s`` (see ``entry``) while they end before ``horizon_s``.
@@ -468,14 +484,11 @@ def advance(t_s, horizon_s, entry, si, sf, batch, first_s, wait, req_i, req_f, p
         idle_until(t_s, si, sf, pv, p_rows, p_int, tl_f, tl_i)
         return IDLE, t_s
     mode = int(cv[C_MODE])
-    cap_tl = tl_f.shape[1]
     while True:
-        if si[S_TL_N] + SEGMENTS_PER_STEP > cap_tl:
-            si[S_RESUME] = entry
+        if _timeline_full(entry, si, tl_f):
             return TIMELINE_FULL, t_s
         if entry == AT_BOUNDARY:
-            si[S_STEPS] += 1
-            si[S_BUSY] = 0
+            _count_boundary(si)
             if mode == MODE_SLACK:
                 j = si[S_ITER_J]
                 if j < 0:
@@ -574,15 +587,12 @@ def advance_prefill(t_s, horizon_s, entry, si, sf, queue, work, small, routed, r
         idle_until(t_s, si, sf, pv, p_rows, p_int, tl_f, tl_i)
         return IDLE, t_s
     mode = int(cv[C_MODE])
-    cap_tl = tl_f.shape[1]
     si[S_ROUTE_N] = 0
     while True:
-        if si[S_TL_N] + SEGMENTS_PER_STEP > cap_tl:
-            si[S_RESUME] = entry
+        if _timeline_full(entry, si, tl_f):
             return TIMELINE_FULL, t_s
         if entry == AT_BOUNDARY:
-            si[S_STEPS] += 1
-            si[S_BUSY] = 0
+            _count_boundary(si)
             _prefill_done(t_s, si, queue, work, req_i, req_f, routed)
             if si[S_W_HEAD] == si[S_W_TAIL]:
                 si[S_QUEUE] = 0
