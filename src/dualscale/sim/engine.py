@@ -132,6 +132,16 @@ class _Decode(_Served):
         self.ready_s: list[float] = []  # heap of the times requests routed here reach it
 
 
+def _shortest_batch_s(profile: Profile, tp: int, plant: Plant) -> float:
+    """A lower bound on any prefill batch's time on ``plant`` (s): one token at the fastest clock.
+    Time grows with every term of a batch's work, and the truth scales it (or reshapes it around
+    the top clock's time) without going under the faster of the two shapes; a power cap only
+    runs slower clocks. Trimmed by 1e-9 so rounding never lifts it above a real batch."""
+    t = np.asarray(profile.prefill_time_s(tp, [1], profile.clocks_mhz.astype(np.float64)), dtype=np.float64)
+    shaped = t[-1] + (1.0 + plant.clock_shape_error) * (t - t[-1])
+    return float(min(t.min(), shaped.min())) * plant.time_factor * (1.0 - 1e-9)
+
+
 @dataclass(frozen=True)
 class Placement:
     """Instances per phase: (TP degree, baseline clock MHz or None, routing weight) each."""
@@ -254,6 +264,9 @@ class Simulation:
         # a draw anywhere must keep its place in the run's order: then macro-steps stop at the next
         # event of any kind
         self._draws = not truth.is_model and (truth.latency_noise > 0.0 or truth.switch_jitter != 0.0)
+        # an arrival reaches decode no sooner than the shortest prefill batch after it (decode alone: at once)
+        self._arrival_lead_s = 0.0 if only == "decode" else min(
+            _shortest_batch_s(profile, tp, plant("prefill", tp)) for tp, _, _ in placement.prefill)
         kv_cap = max(d.kv_capacity_tokens for d in self.decode)
         self.decode_of = np.full(n, -1, dtype=np.int64)
         self.rejected = (need > kv_cap) & (self.output > 1) & (only != "prefill")
@@ -334,11 +347,13 @@ class Simulation:
 
     def _horizon(self, d: _Decode) -> float:
         """The earliest time another event could touch ``d`` (its steps ending before it are safe
-        to run now): the next arrival or prefill iteration end (either may route a request to it),
-        a request reaching it; with random draws, the next event of any kind."""
+        to run now): a prefill batch ending (it may route a request to it; one an arrival starts
+        ends at least the shortest batch after it), a request reaching it; with random draws, the
+        next event of any kind."""
         h = float(self.arrival_s[self._next_r]) if self._next_r < self.arrival_s.size else math.inf
         if self._draws:
             return min(h, self._heap[0][0]) if self._heap else h
+        h += self._arrival_lead_s
         if d.ready_s:
             h = min(h, d.ready_s[0])
         for p in self.prefill:
