@@ -47,7 +47,7 @@ from dualscale.sim.run import build_trace
 from dualscale.sim.scenario import load_scenario
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import previous_engine as previous  # noqa: E402
+import previous_engine as previous
 
 
 def load() -> str:
@@ -87,7 +87,7 @@ def engine_speed(duration_s: float, policies: list[str], repeats: int) -> list[d
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
     """(wall s, peak RSS of the child in KiB) of one command in a fresh process."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
@@ -142,12 +142,13 @@ print(len(trace), run.events, wall, resource.getrusage(resource.RUSAGE_SELF).ru_
 def long_runs(hours: list[float]) -> list[dict]:
     rows = []
     for h in hours:
-        proc = subprocess.run([sys.executable, "-c", _LONG, str(h)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", _LONG, str(h)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr)
         n, events, wall, rss_kib, met = proc.stdout.split()
         row = {"hours": h, "requests": int(n), "events": int(events), "wall_s": float(wall),
-               "wall_s_per_simulated_h": float(wall) / h, "peak_rss_mb": int(rss_kib) / 1024, "host": load()}
+               "wall_s_per_simulated_h": float(wall) / h, "peak_rss_mb": int(rss_kib) / 1024, "slo_met": met == "True",
+               "host": load()}
         rows.append(row)
         print(f"  {h:g} h Gamma at the Azure conv rate, dualscale: {int(n):,} requests, {int(events):,} events, "
               f"{float(wall):.1f} s wall ({float(wall) / h:.1f} s per simulated hour), peak RSS "

@@ -227,7 +227,6 @@ def decode_steps(profile, tp, control, idle_mhz, requests, truth, delay_s, kv_ca
     clocks = profile.clocks_mhz
     f0, step = int(clocks[0]), int(profile.config.gpu.clock_step_mhz)
     coef, table = profile.coefficients("decode", tp), profile.clock_table("decode", tp)
-    idle_w = profile.idle_power_w(clocks.astype(float))
     state = {"j": (idle_mhz - f0) // step, "pending": -1, "at": 0.0, "acct": 0.0, "busy_j": 0.0, "idle_j": 0.0,
              "eff": np.arange(clocks.size)}
     segs = []

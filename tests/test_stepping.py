@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import reference as ref
 from hypothesis import given
 from hypothesis import strategies as st_
 
@@ -16,7 +17,6 @@ from dualscale.control import Correction, DecodeController, DecodeStepper
 from dualscale.control import correction as corr
 from dualscale.sim.scenario import Truth
 from dualscale.sim.truth import GroundTruth
-import reference as ref
 
 positive = st_.floats(1e-4, 1.0)
 # power: unknown (0) or a GPU's range; subnormal watts would overflow the ratio, which NumPy scalars
@@ -80,7 +80,7 @@ def test_stepper_agrees_with_per_step_controller(profile, truth, lengths, contro
                       rng=np.random.default_rng(seed))
     for r in range(len(reqs)):
         s.enqueue(r)
-    code, t = s.advance(0.0, math.inf, boundary=False)
+    code, _ = s.advance(0.0, math.inf, boundary=False)
     assert code == DecodeStepper.IDLE
     s.sync()
     assert sorted(finish) == list(range(len(reqs)))

@@ -16,14 +16,13 @@ import msgspec
 import numpy as np
 import pytest
 
-from dualscale.profile import Profile
 from dualscale.sim import engine as v2
 from dualscale.sim.policies import make_policy
 from dualscale.sim.scenario import load_scenario
 from dualscale.sim.traces import gamma_trace, load_trace, window
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import previous_engine as v1  # noqa: E402
+import previous_engine as v1
 
 
 def _scenario(**changes):

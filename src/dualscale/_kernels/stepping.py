@@ -40,8 +40,7 @@ import math
 import numpy as np
 from numba import njit
 
-from dualscale._kernels import CACHE, FASTMATH
-from dualscale._kernels import mpc
+from dualscale._kernels import CACHE, FASTMATH, mpc
 from dualscale._kernels import perf_model as pm
 from dualscale._kernels import slack as sk
 
@@ -225,8 +224,7 @@ def _switch_delay_s(pv, rng):
     worst = -np.inf
     for i in range(u.shape[0]):
         x = 1.0 + jitter * u[i]
-        if x > worst:
-            worst = x
+        worst = max(worst, x)
     return delay * worst
 
 

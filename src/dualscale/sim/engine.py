@@ -312,8 +312,7 @@ class Simulation:
             self._push(t1, _PREFILL_DONE, inst.index)
         else:
             inst.done_at_s = math.inf
-            if t1 > self._last_s:
-                self._last_s = t1
+            self._last_s = max(self._last_s, t1)
 
     def _route_all(self, requests: NDArray[np.int64], t: float) -> None:
         for r in requests.tolist():
@@ -357,8 +356,7 @@ class Simulation:
         if d.ready_s:
             h = min(h, d.ready_s[0])
         for p in self.prefill:
-            if p.done_at_s < h:
-                h = p.done_at_s
+            h = min(h, p.done_at_s)
         return h
 
     def _advance_decode(self, d: _Decode, t: float, boundary: bool) -> None:
