@@ -251,7 +251,7 @@ class _Stepper:
         while True:
             code, t1 = self._kernel(t_s, horizon_s, entry)
             if code != st.TIMELINE_FULL:
-                return code, t1
+                return int(code), float(t1)  # Python numbers with the JIT off too
             t_s, entry = t1, int(self.si[st.S_RESUME])
             self.tl_f = np.concatenate([self.tl_f, np.zeros_like(self.tl_f)], axis=1)
             self.tl_i = np.concatenate([self.tl_i, np.zeros_like(self.tl_i)], axis=1)
