@@ -1,95 +1,184 @@
-"""Simulator speed: one simulated hour of Azure conv (19,366 requests) on the default 16-GPU scenario.
+"""The offline tier at scale (issue 16), in one command, side by side with the previous engine.
 
-Prints, per policy, the wall time, events per second and simulated seconds per wall second, then
-(second pass, under cProfile, which slows everything down by a similar factor) where the time goes:
-the share of wall time in the controllers, the model kernels, the engine's own bookkeeping, and
-the rest (NumPy calls, heap operations, Python built-ins).
+1. Engine speed: one simulated hour of the default scenario (Azure conv, 16 GPUs) under each policy,
+   the previous per-event engine (bench/previous_engine.py, frozen) and the current one run in
+   turn in this process on the same inputs; wall time, events/s, the ratio, and whether they
+   agree (energy relative difference, largest TTFT/TPOT difference). Target: >= 5x for
+   ``dualscale`` and ``distserve``.
+2. ``dualscale evaluate``: cold (a fresh process, an empty result cache: goodput tables and windows
+   all computed; Numba's cache as it is, i.e. warm after any earlier run) and warm (the same
+   command again: everything from the result cache), and cold with Numba's cache cold too
+   (NUMBA_CACHE_DIR pointed at an empty folder: every kernel compiled). Targets: cold <= 30 s,
+   warm <= 5 s.
+3. Long runs: Gamma arrivals at the Azure conv rate with its lengths for 1 h, 6 h and 24 h under
+   ``dualscale``, each in a fresh process: wall time (linear in simulated time?) and peak RSS.
+   Target: one day under 2 GB.
 
-Target (issue 4): <= 120 s wall for dualscale on this 2-core machine (goal 30 s).
+The host's load (``os.getloadavg``) is printed beside every figure: on a shared machine only the
+ratios measured side by side mean much.
 
-    python bench/simulate.py [--policy dualscale --policy distserve] [--duration 3600] [--json out.json]
+    python bench/simulate.py [--quick] [--json out.json] [--skip evaluate --skip long]
+
+``--quick``: 10 simulated minutes for the ratio, ``evaluate --quick``, and 15 min / 30 min / 1 h
+long runs (minutes instead of ~5 on a quiet 2-core host).
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import os
 import platform
-import pstats
+import resource
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import msgspec
+import numpy as np
 
 import dualscale
 from dualscale.profile import Profile
-from dualscale.sim.engine import Simulation
-from dualscale.sim.metrics import summarize
+from dualscale.sim import engine as current
 from dualscale.sim.policies import make_policy
 from dualscale.sim.run import build_trace
 from dualscale.sim.scenario import load_scenario
 
-CATEGORIES = (
-    ("controllers", ("dualscale/control/", "dualscale/_kernels/mpc.py", "dualscale/_kernels/slack.py",
-                     "dualscale/sim/policies.py", "osqp")),
-    ("model kernels", ("dualscale/_kernels/perf_model.py",)),
-    ("engine", ("dualscale/sim/engine.py",)),
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import previous_engine as previous
 
 
-def categorise(stats: pstats.Stats) -> dict[str, float]:
-    """Seconds of own time (tottime) per category, from a cProfile run."""
-    out = {name: 0.0 for name, _ in CATEGORIES} | {"other (numpy, heapq, builtins)": 0.0}
-    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
-        for name, keys in CATEGORIES:
-            if any(k in filename for k in keys):
-                out[name] += tottime
-                break
-        else:
-            out["other (numpy, heapq, builtins)"] += tottime
+def load() -> str:
+    return "load {:.1f}/{:.1f}".format(*os.getloadavg()[:2])
+
+
+def engine_speed(duration_s: float, policies: list[str], repeats: int) -> list[dict]:
+    scenario = load_scenario("default")
+    trace = build_trace(msgspec.structs.replace(scenario.trace, duration_s=duration_s))
+    profile = Profile.load(scenario.profile)
+    rows = []
+    for name in policies:
+        walls: dict[str, list[float]] = {"previous": [], "current": []}
+        runs = {}
+        for _ in range(repeats):  # alternate, so the host's noise hits both alike
+            for label, mod in (("previous", previous), ("current", current)):
+                sim = mod.Simulation(scenario, profile, trace, make_policy(name, profile, scenario))
+                t0 = time.perf_counter()
+                runs[label] = sim.run()
+                walls[label].append(time.perf_counter() - t0)
+        old, new = runs["previous"], runs["current"]
+        w_old, w_new = float(np.median(walls["previous"])), float(np.median(walls["current"]))
+        e_rel = max(abs(new.energy_j(p) / old.energy_j(p) - 1.0) for p in ("prefill", "decode"))
+        lat = [float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(new.latencies_s(), old.latencies_s())]
+        row = {"policy": name, "requests": len(trace), "simulated_s": new.end_s, "events": new.events,
+               "previous_wall_s": w_old, "current_wall_s": w_new, "speedup": w_old / w_new,
+               "current_events_per_s": new.events / w_new, "energy_rel_diff": e_rel,
+               "ttft_max_abs_diff_s": lat[0], "tpot_max_abs_diff_s": lat[1], "host": load()}
+        rows.append(row)
+        print(f"{name:>10s}: {len(trace):,} requests, {new.end_s:,.0f} s simulated, {new.events:,} events: previous "
+              f"{w_old:.2f} s, current {w_new:.2f} s -> {w_old / w_new:.1f}x "
+              f"(target >= 5x); energy rel diff {e_rel:.1e}, max |dTTFT| {lat[0]:.1e} s, max |dTPOT| {lat[1]:.1e} s"
+              f" [{row['host']}]", flush=True)
+    return rows
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """(wall s, peak RSS of the child in KiB) of one command in a fresh process."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+def evaluate_times(quick: bool) -> dict:
+    cmd = [sys.executable, "-m", "dualscale.cli", "evaluate"] + (["--quick"] if quick else [])
+    out: dict = {"command": " ".join(cmd[2:])}
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as numba_cache:
+        env = os.environ | {"DUALSCALE_CACHE_DIR": cache}
+        out["cold_s"], _ = timed(cmd, env)
+        out["cold_host"] = load()
+        print(f"  evaluate cold (fresh process, empty result cache, Numba cache warm): {out['cold_s']:.1f} s "
+              f"(target <= 30 s) [{out['cold_host']}]", flush=True)
+        out["warm_s"], _ = timed(cmd, env)
+        out["warm_host"] = load()
+        print(f"  evaluate warm (results cached): {out['warm_s']:.1f} s (target <= 5 s) [{out['warm_host']}]",
+              flush=True)
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as numba_cache:
+        env = os.environ | {"DUALSCALE_CACHE_DIR": cache, "NUMBA_CACHE_DIR": numba_cache}
+        out["cold_numba_cold_s"], _ = timed(cmd, env)
+        out["cold_numba_cold_host"] = load()
+        print(f"  evaluate cold with Numba's cache cold too (every kernel compiled): "
+              f"{out['cold_numba_cold_s']:.1f} s [{out['cold_numba_cold_host']}]", flush=True)
     return out
+
+
+_LONG = """
+import resource, sys, time
+import msgspec
+from dualscale.profile import Profile
+from dualscale.sim.engine import Simulation
+from dualscale.sim.metrics import summarize
+from dualscale.sim.policies import make_policy
+from dualscale.sim.scenario import load_scenario
+from dualscale.sim.traces import gamma_trace, load_trace
+hours = float(sys.argv[1])
+sc = load_scenario("default")
+lengths = load_trace("azure-conv")
+trace = gamma_trace(lengths.rate_per_s, 1.41, hours * 3600.0, lengths, 0)
+profile = Profile.load(sc.profile)
+sim = Simulation(sc, profile, trace, make_policy("dualscale", profile, sc))
+t0 = time.perf_counter()
+run = sim.run()
+wall = time.perf_counter() - t0
+s = summarize(run)
+print(len(trace), run.events, wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, s.slo.met)
+"""
+
+
+def long_runs(hours: list[float]) -> list[dict]:
+    rows = []
+    for h in hours:
+        proc = subprocess.run([sys.executable, "-c", _LONG, str(h)], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr)
+        n, events, wall, rss_kib, met = proc.stdout.split()
+        row = {"hours": h, "requests": int(n), "events": int(events), "wall_s": float(wall),
+               "wall_s_per_simulated_h": float(wall) / h, "peak_rss_mb": int(rss_kib) / 1024, "slo_met": met == "True",
+               "host": load()}
+        rows.append(row)
+        print(f"  {h:g} h Gamma at the Azure conv rate, dualscale: {int(n):,} requests, {int(events):,} events, "
+              f"{float(wall):.1f} s wall ({float(wall) / h:.1f} s per simulated hour), peak RSS "
+              f"{row['peak_rss_mb']:,.0f} MB (target < 2048 MB for 24 h) [{row['host']}]", flush=True)
+    return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter runs throughout (see above)")
     ap.add_argument("--policy", action="append", help="policies to time (default: dualscale, distserve)")
-    ap.add_argument("--duration", type=float, default=0.0, help="simulated seconds of the trace (default: all)")
-    ap.add_argument("--no-profile", action="store_true", help="skip the cProfile pass")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per engine and policy (median reported)")
+    ap.add_argument("--skip", action="append", default=[], choices=["speed", "evaluate", "long"],
+                    help="leave a part out")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-
-    scenario = load_scenario("default")
-    spec = msgspec.structs.replace(scenario.trace, duration_s=args.duration)
-    trace = build_trace(spec)
-    profile = Profile.load(scenario.profile)
-    rows = []
-    for name in args.policy or ["dualscale", "distserve"]:
-        sim = Simulation(scenario, profile, trace, make_policy(name, profile, scenario))
-        run = sim.run()
-        s = summarize(run)
-        row = {"policy": name, "requests": len(trace), "simulated_s": run.end_s, "wall_s": run.wall_s,
-               "events": run.events, "events_per_s": run.events / run.wall_s,
-               "simulated_s_per_wall_s": run.end_s / run.wall_s, "slo_met": s.slo.met}
-        print(f"{name:>12s}: {len(trace):,} requests, {run.end_s:,.0f} s simulated in {run.wall_s:.1f} s wall "
-              f"({run.events:,} events, {row['events_per_s']:,.0f} events/s, "
-              f"{row['simulated_s_per_wall_s']:.0f}x real time)")
-        if not args.no_profile:
-            prof = cProfile.Profile()
-            sim = Simulation(scenario, profile, trace, make_policy(name, profile, scenario))
-            prof.enable()
-            sim.run()
-            prof.disable()
-            cats = categorise(pstats.Stats(prof))
-            total = sum(cats.values())
-            row["time_share"] = {k: v / total for k, v in cats.items()}
-            print("              where time goes (cProfile own time): "
-                  + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in cats.items()))
-        rows.append(row)
+    result: dict = {"meta": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                             "dualscale": dualscale.__version__, "quick": args.quick}}
+    if "speed" not in args.skip:
+        print("engine speed, default scenario, previous vs current engine (same process, same inputs):")
+        result["speed"] = engine_speed(600.0 if args.quick else 3600.0, args.policy or ["dualscale", "distserve"],
+                                       args.repeats)
+    if "evaluate" not in args.skip:
+        print("dualscale evaluate:")
+        result["evaluate"] = evaluate_times(args.quick)
+    if "long" not in args.skip:
+        print("long runs (wall time linear in simulated time? peak memory):")
+        result["long"] = long_runs([0.25, 0.5, 1.0] if args.quick else [1.0, 6.0, 24.0])
     if args.json:
-        meta = {"python": platform.python_version(), "cpus": os.cpu_count(), "dualscale": dualscale.__version__}
-        args.json.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
+        args.json.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -215,3 +215,84 @@ def decode_choose(now_s, first_token_s, tokens_out, context_tokens, slo_s, margi
     if not np.isfinite(energy).any():
         return -1, budget
     return int(np.argmin(energy)), budget
+
+
+# ---- decode macro-steps (dualscale/_kernels/stepping.py) ----------------------------------------
+def decode_steps(profile, tp, control, idle_mhz, requests, truth, delay_s, kv_capacity, max_batch):
+    """Twin of ``DecodeStepper``: one decode instance, every request waiting at t = 0, run step by
+    step to the last finish with the public controller (``decide``/``observe`` per step) and the
+    truth as ``dualscale.sim.truth.GroundTruth`` states it in NumPy (``apply``, ``switch_delay_s``).
+    ``requests``: list of (first token s, prompt tokens, output tokens, KV need). Returns (finish
+    times and tokens out by request, busy J, idle J, [(t0, t1, MHz, W, busy)])."""
+    clocks = profile.clocks_mhz
+    f0, step = int(clocks[0]), int(profile.config.gpu.clock_step_mhz)
+    coef, table = profile.coefficients("decode", tp), profile.clock_table("decode", tp)
+    state = {"j": (idle_mhz - f0) // step, "pending": -1, "at": 0.0, "acct": 0.0, "busy_j": 0.0, "idle_j": 0.0,
+             "eff": np.arange(clocks.size)}
+    segs = []
+
+    def segment(t0, t1, j, w, busy):
+        if t1 > t0:
+            state["busy_j" if busy else "idle_j"] += tp * float(w) * (t1 - t0)
+            segs.append((t0, t1, int(clocks[state["eff"][j]]), float(w), busy))
+
+    def ask(f, now):
+        j = (int(f) - f0) // step
+        if j == (state["pending"] if state["pending"] >= 0 else state["j"]):
+            return
+        if j == state["j"]:
+            state["pending"] = -1
+        elif delay_s == 0.0:
+            state["j"], state["pending"] = j, -1
+        else:
+            state["pending"], state["at"] = j, now + truth.switch_delay_s(delay_s)
+
+    def run_truth(ctx):
+        g = decode_grid(ctx, coef, table)
+        eff = truth.apply(g)
+        state["eff"] = np.arange(clocks.size) if eff is None else eff
+        return g[0], g[1]
+
+    waiting = list(range(len(requests)))
+    run = []  # [request, tokens out, context]
+    finish = {}
+    reserved = 0
+    t = 0.0
+    fixed = isinstance(control, int)
+    while True:
+        while waiting and len(run) < max_batch and reserved + requests[waiting[0]][3] <= kv_capacity:
+            r = waiting.pop(0)
+            run.append([r, 1, requests[r][1] + 1])
+            reserved += requests[r][3]
+        if not run:
+            break
+        ctx = np.array([c for _, _, c in run], dtype=np.int64)
+        kv = min(1.0, float(ctx.sum()) / kv_capacity)
+        first = np.array([requests[r][0] for r, _, _ in run])
+        f = control if fixed else control.decide(t, first, np.array([o for _, o, _ in run]), ctx, kv).freq_mhz
+        ask(f, t)
+        times, power = run_truth(ctx)
+        j, t0 = state["j"], t
+        if state["pending"] < 0 or state["at"] >= t0 + times[j]:
+            t = t0 + times[j]
+            segment(t0, t, j, power[j], True)
+            seen = (t - t0, int(clocks[state["eff"][j]]), float(power[j]))
+        else:
+            s1 = max(0.0, state["at"] - t0)
+            jn = state["pending"]
+            t = t0 + s1 + (1.0 - s1 / times[j]) * times[jn]
+            segment(t0, t0 + s1, j, power[j], True)
+            segment(t0 + s1, t, jn, power[jn], True)
+            state["j"], state["pending"] = jn, -1
+            seen = (t - t0, 0, 0.0)
+        if not fixed:
+            control.observe(*seen)
+        keep = []
+        for r, o, c in run:
+            if o + 1 >= requests[r][2]:
+                finish[r] = (t, o + 1)
+                reserved -= requests[r][3]
+            else:
+                keep.append([r, o + 1, c + 1])
+        run = keep
+    return finish, state["busy_j"], state["idle_j"], segs

@@ -261,8 +261,10 @@ def _parser() -> argparse.ArgumentParser:
             "the top clock), PlaceOnly (placement ILP every 5-minute window, baseline clocks) and DualScale (the\n"
             "same placements plus per-iteration clock control), on Gamma arrivals at 10-85 % of capacity and on\n"
             "the Azure conv trace at 67 % and 85 % of capacity. Prints a table; --json and --plots write files.\n"
-            "Full scale takes several minutes (the goodput table is cached after the first run); --quick is a\n"
-            "small version for smoke tests.\n\n"
+            "Goodput tables and every simulated window are cached in $DUALSCALE_CACHE_DIR (default\n"
+            "~/.cache/dualscale; delete it, or pass --no-cache, to recompute): a repeated run only pools the\n"
+            "cached windows. Goodput probes and windows run on --workers processes. --quick is a small version\n"
+            "for smoke tests.\n\n"
             "examples:\n"
             "  dualscale evaluate --quick\n"
             "  dualscale evaluate --json eval.json --plots eval/"
@@ -271,6 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _coarse_options(ev)
     ev.add_argument("--quick", action="store_true", help="coarse grid, short windows: a smoke run")
+    ev.add_argument("--no-cache", action="store_true",
+                    help="simulate every window again (neither read nor write cached windows)")
     ev.add_argument("--json", type=Path, metavar="PATH", help="write the rows as JSON here")
     ev.add_argument("--plots", type=Path, metavar="DIR", help="write a bar plot of energy per phase here")
     runtime_cli.add_parsers(sub)
@@ -543,6 +547,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.table import Table
 
     from dualscale.placement.evaluate import QUICK, EvalSettings, evaluate
@@ -552,8 +565,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     settings = QUICK if args.quick else EvalSettings()
     con = Console(width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True)
-    with err.status("evaluating") as status:
-        rows, _, distserve = evaluate(scenario, settings, workers=args.workers, progress=status.update)
+    with Progress(TextColumn("{task.description:<30}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        rows, _, distserve = evaluate(scenario, settings, workers=args.workers, use_cache=not args.no_cache,
+                                      progress=progress)
     t = Table(title="DistServe vs PlaceOnly vs DualScale (savings vs DistServe; SLO: P99 TTFT "
                     f"{scenario.slo.ttft_s} s, TPOT {scenario.slo.tpot_s * 1e3:.0f} ms)")
     for col in ("workload", "load", "req/s", "policy", "prefill kJ", "decode kJ", "J/tok P / D", "saving P / D",

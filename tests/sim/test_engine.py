@@ -93,7 +93,7 @@ def test_clock_switch_takes_effect_after_the_delay_mid_batch(profile):
     busy = 4 * (w_slow * 0.02 + w_fast * (want - 1.02))
     assert res.prefill[0].energy_busy_j == pytest.approx(busy, rel=1e-12)
     tl = res.prefill[0].timeline
-    assert tl.freq_mhz[:3] == [345, 345, 1980]  # idle, first part of the batch, rest of it
+    assert tl.freq_mhz[:3].tolist() == [345, 345, 1980]  # idle, first part of the batch, rest of it
 
 
 def test_kv_memory_holds_requests_back_and_oversized_ones_are_rejected(profile):

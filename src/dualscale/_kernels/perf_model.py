@@ -37,33 +37,35 @@ O_POWER_W = 1
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
-def eval_clocks(mem_s, comp_s, coef, table, out):
-    """Time and power of work (``mem_s``, ``comp_s`` at the reference clock) at every table clock.
+def eval_clock(mem_s, comp_s, coef, table, k):
+    """(time s, power W per GPU) of work (``mem_s``, ``comp_s`` at the reference clock) at table clock ``k``.
 
     Time is the soft roofline ``hypot(a, b)`` of the clock-scaled terms; power is the idle floor
     plus each unit's busy power times its busy fraction (``a / time``, ``b / time``), clamped to
     ``[idle, cap]``.
     """
-    cap_w = coef[C_POWER_CAP_W]
+    a = mem_s * table[T_MEM_SLOWDOWN, k]
+    b = comp_s * table[T_COMP_SLOWDOWN, k]
+    idle = table[T_IDLE_W, k]
+    m = max(a, b)
+    if m <= 0.0:
+        return 0.0, idle
+    # soft roofline: the two kinds of work overlap as the Euclidean norm, scaled by the larger
+    # term so tiny or huge values neither underflow nor overflow (one sqrt per clock)
+    ra = a / m
+    rb = b / m
+    r = np.sqrt(ra * ra + rb * rb)
+    # each unit draws its busy power for the fraction of the iteration it is busy:
+    # a / time = ra / r (memory), b / time = rb / r (tensor cores)
+    busy_w = (ra * table[T_MEM_POWER_W, k] + rb * table[T_COMP_POWER_W, k]) / r
+    return m * r, min(coef[C_POWER_CAP_W], max(idle, idle + busy_w))
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def eval_clocks(mem_s, comp_s, coef, table, out):
+    """:func:`eval_clock` at every table clock, into ``out``."""
     for k in range(table.shape[1]):
-        a = mem_s * table[T_MEM_SLOWDOWN, k]
-        b = comp_s * table[T_COMP_SLOWDOWN, k]
-        idle = table[T_IDLE_W, k]
-        m = max(a, b)
-        if m <= 0.0:
-            out[O_TIME_S, k] = 0.0
-            out[O_POWER_W, k] = idle
-            continue
-        # soft roofline: the two kinds of work overlap as the Euclidean norm, scaled by the larger
-        # term so tiny or huge values neither underflow nor overflow (one sqrt per clock)
-        ra = a / m
-        rb = b / m
-        r = np.sqrt(ra * ra + rb * rb)
-        out[O_TIME_S, k] = m * r
-        # each unit draws its busy power for the fraction of the iteration it is busy:
-        # a / time = ra / r (memory), b / time = rb / r (tensor cores)
-        busy_w = (ra * table[T_MEM_POWER_W, k] + rb * table[T_COMP_POWER_W, k]) / r
-        out[O_POWER_W, k] = min(cap_w, max(idle, idle + busy_w))
+        out[O_TIME_S, k], out[O_POWER_W, k] = eval_clock(mem_s, comp_s, coef, table, k)
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
@@ -79,8 +81,9 @@ def work_s(n_requests, context_tokens, new_tokens, attention_pairs, coef):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
-def prefill_grid(chunk_tokens, prefix_tokens, coef, table, out):
-    """Prefill batch of chunks (``chunk_tokens[i]`` new tokens after ``prefix_tokens[i]``) on the grid."""
+def prefill_work_s(chunk_tokens, prefix_tokens, coef):
+    """(memory-bound s, compute-bound s) of a prefill batch of chunks (``chunk_tokens[i]`` new
+    tokens after ``prefix_tokens[i]``) at the reference clock."""
     new = 0.0
     prefix = 0.0
     pairs = 0.0
@@ -91,18 +94,31 @@ def prefill_grid(chunk_tokens, prefix_tokens, coef, table, out):
         prefix += p
         # causal attention: query j of the chunk sees the prefix and j earlier chunk tokens + itself
         pairs += l * p + 0.5 * l * (l + 1.0)
-    mem, comp = work_s(chunk_tokens.shape[0], prefix, new, pairs, coef)
+    return work_s(chunk_tokens.shape[0], prefix, new, pairs, coef)
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def prefill_grid(chunk_tokens, prefix_tokens, coef, table, out):
+    """Prefill batch on the grid (see :func:`prefill_work_s`)."""
+    mem, comp = prefill_work_s(chunk_tokens, prefix_tokens, coef)
     eval_clocks(mem, comp, coef, table, out)
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
-def decode_grid(context_tokens, coef, table, out):
-    """Decode step of a batch (one new token per request, ``context_tokens[i]`` already cached)."""
+def decode_work_s(context_tokens, coef):
+    """(memory-bound s, compute-bound s) of a decode step of the batch (one new token per
+    request, ``context_tokens[i]`` already cached) at the reference clock."""
     ctx = 0.0
     for i in range(context_tokens.shape[0]):
         ctx += float(context_tokens[i])
     n = context_tokens.shape[0]
-    mem, comp = work_s(n, ctx, float(n), ctx, coef)
+    return work_s(n, ctx, float(n), ctx, coef)
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def decode_grid(context_tokens, coef, table, out):
+    """Decode step of a batch on the grid (see :func:`decode_work_s`)."""
+    mem, comp = decode_work_s(context_tokens, coef)
     eval_clocks(mem, comp, coef, table, out)
 
 

@@ -12,18 +12,32 @@ Loads are fractions of the DistServe placement's capacity (its max-goodput rate)
 simulated one by one, each starting empty, as in the paper (which does not model transitions);
 latencies are pooled over windows for the percentiles, energies summed. Only GPUs a placement uses
 are charged: GPUs left out are assumed powered down or lent to other work.
+
+Work is shared where it is the same computation: one pool of workers (any
+``concurrent.futures.Executor``: a process pool by default, or a Dask/Ray cluster's) runs the
+goodput tables' groups and then every window of every workload and policy at once; each window's
+outcome is cached on disk (``<cache dir>/windows/``, see :func:`default_cache_dir`) under a key of
+everything it depends on (scenario, profile, policy, the window's requests and placement, the
+engine's version), so a second evaluation, or one that shares windows with an earlier one, only
+pools. Windows do not share state: each starts empty with fresh controllers, as in the paper.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
+import hashlib
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import msgspec
 import numpy as np
 
-from dualscale.placement.goodput import GoodputSettings, GoodputTable, at_rate, goodput_table
+from dualscale._files import write_atomic
+from dualscale._version import __version__
+from dualscale.placement.goodput import GoodputSettings, GoodputTable, at_rate, default_cache_dir, goodput_table
 from dualscale.placement.ilp import PlacementPlan, max_goodput_plan, max_rate, place
 from dualscale.profile import Profile
 from dualscale.sim.engine import Placement, RunResult, Simulation
@@ -92,39 +106,133 @@ def _windows(trace: Trace, window_s: float) -> list[Trace]:
     return out
 
 
-def _pool(runs: Sequence[RunResult], scenario: Scenario) -> dict[str, float]:
-    ttft, tpot, served, n, e_pre, e_dec, tok_in, tok_out = [], [], 0, 0, 0.0, 0.0, 0, 0
-    for r in runs:
-        tr = r.trace
-        a, b = r.latencies_s()
-        ttft.append(a)
-        tpot.append(b)
-        served += int(np.isfinite(r.finish_s).sum())
-        n += len(tr)
-        e_pre += r.energy_j("prefill")
-        e_dec += r.energy_j("decode")
-        tok_in += int(tr.input_tokens.sum())
-        tok_out += int(tr.output_tokens.sum())
+#: Bump when a window's outcome changes meaning, so old cached windows are not reused.
+WINDOW_CACHE_VERSION = 1
+#: The policy each evaluated policy runs under in the simulator.
+_SIM_POLICY = {"distserve": "distserve", "placeonly": "baseline", "dualscale": "dualscale"}
+
+
+class WindowOutcome(msgspec.Struct, frozen=True, array_like=True):
+    """What pooling needs of one simulated window (cached on disk): latencies (s, float64 bytes),
+    requests served and in all, energy per phase (J) and tokens in and out."""
+
+    ttft_s: bytes
+    tpot_s: bytes
+    served: int
+    requests: int
+    prefill_j: float
+    decode_j: float
+    tokens_in: int
+    tokens_out: int
+
+    @classmethod
+    def of(cls, run: RunResult) -> WindowOutcome:
+        ttft, tpot = run.latencies_s()
+        tr = run.trace
+        return cls(ttft.astype(np.float64).tobytes(), tpot.astype(np.float64).tobytes(),
+                   int(np.isfinite(run.finish_s).sum()), len(tr), run.energy_j("prefill"), run.energy_j("decode"),
+                   int(tr.input_tokens.sum()), int(tr.output_tokens.sum()))
+
+
+def window_key(scenario: Scenario, profile: Profile, policy: str, trace: Trace, plan: PlacementPlan) -> str:
+    """Hash of everything one window's outcome depends on."""
+    h = hashlib.sha256()
+    h.update(f"window v{WINDOW_CACHE_VERSION} dualscale {__version__} {policy}".encode())
+    h.update(msgspec.json.encode(scenario))
+    h.update(msgspec.json.encode(profile.config))
+    h.update(msgspec.json.encode(_placement(plan)))
+    for a in (trace.arrival_s, trace.input_tokens, trace.output_tokens):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:24]
+
+
+_PROFILES: dict[str, Profile] = {}
+
+
+def simulate_window(scenario: Scenario, policy: str, trace: Trace, plan: PlacementPlan) -> WindowOutcome:
+    """One window under ``policy`` (one of :data:`POLICIES`) on ``plan``'s placement (a plain,
+    picklable task: executors run it in other processes, or on other hosts)."""
+    profile = _PROFILES.get(scenario.profile)
+    if profile is None:
+        profile = _PROFILES[scenario.profile] = Profile.load(scenario.profile)
+    pol = make_policy(_SIM_POLICY[policy], profile, scenario)
+    return WindowOutcome.of(Simulation(scenario, profile, trace, pol, placement=_placement(plan)).run())
+
+
+def _pool(outcomes: Sequence[WindowOutcome], scenario: Scenario) -> dict[str, float]:
+    ttft = np.concatenate([np.frombuffer(o.ttft_s) for o in outcomes])
+    tpot = np.concatenate([np.frombuffer(o.tpot_s) for o in outcomes])
+    served = sum(o.served for o in outcomes)
+    n = sum(o.requests for o in outcomes)
+    e_pre = sum(o.prefill_j for o in outcomes)
+    e_dec = sum(o.decode_j for o in outcomes)
+    tok_in = sum(o.tokens_in for o in outcomes)
+    tok_out = sum(o.tokens_out for o in outcomes)
     q = scenario.slo.percentile
-    a = np.concatenate(ttft)
-    b = np.concatenate(tpot)
-    t99 = float(np.percentile(a, q)) if a.size else math.inf
-    p99 = float(np.percentile(b, q)) if b.size else 0.0
+    t99 = float(np.percentile(ttft, q)) if ttft.size else math.inf
+    p99 = float(np.percentile(tpot, q)) if tpot.size else 0.0
     return {"requests": n, "completed": served, "prefill_j": e_pre, "decode_j": e_dec,
             "prefill_j_per_token": e_pre / max(1, tok_in), "decode_j_per_token": e_dec / max(1, tok_out),
             "ttft_p99_s": t99, "tpot_p99_s": p99,
             "met": served == n and t99 <= scenario.slo.ttft_s and p99 <= scenario.slo.tpot_s}
 
 
-def run_workload(name: str, load: float, trace: Trace, scenario: Scenario, profile: Profile,
-                 table: GoodputTable, settings: EvalSettings, distserve: PlacementPlan,
-                 policies: Sequence[str] = POLICIES) -> list[EvalRow]:
-    """Each of ``policies`` (default: every one) over ``trace``, planned window by window. Savings
-    are against DistServe when it is among them."""
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise ValueError(f"policies: {unknown} not among {POLICIES}")
-    wins = _windows(trace, settings.window_s)
+Progress = Callable[[str, int, int], None]
+"""Called with (what runs now, tasks done, tasks in all)."""
+
+
+class _Windows:
+    """Every window to simulate, run through one executor, each looked up in the cache first."""
+
+    def __init__(self, cache_dir: Path | None, executor: cf.Executor | None, progress: Progress | None) -> None:
+        self.dir = None if cache_dir is None else cache_dir / "windows"
+        self.executor = executor
+        self.progress = progress
+        self.tasks: list[tuple[str, tuple[Scenario, str, Trace, PlacementPlan]]] = []
+
+    def add(self, scenario: Scenario, profile: Profile, policy: str, trace: Trace, plan: PlacementPlan) -> int:
+        self.tasks.append((window_key(scenario, profile, policy, trace, plan), (scenario, policy, trace, plan)))
+        return len(self.tasks) - 1
+
+    def _cached(self, key: str) -> WindowOutcome | None:
+        if self.dir is None:
+            return None
+        path = self.dir / f"{key}.msgpack"
+        try:
+            return msgspec.msgpack.decode(path.read_bytes(), type=WindowOutcome)
+        except (OSError, msgspec.DecodeError):
+            return None  # absent or damaged: recomputed and overwritten
+
+    def _store(self, key: str, outcome: WindowOutcome) -> None:
+        if self.dir is not None:
+            write_atomic(self.dir / f"{key}.msgpack", msgspec.msgpack.encode(outcome))
+
+    def run(self) -> list[WindowOutcome]:
+        out: list[WindowOutcome | None] = [self._cached(k) for k, _ in self.tasks]
+        todo = [i for i, o in enumerate(out) if o is None]
+        total = len(self.tasks)
+        done = total - len(todo)
+        say = self.progress or (lambda what, i, n: None)
+        say("windows", done, total)
+        if self.executor is None:
+            for i in todo:
+                out[i] = simulate_window(*self.tasks[i][1])
+                self._store(self.tasks[i][0], out[i])  # type: ignore[arg-type]
+                done += 1
+                say("windows", done, total)
+        else:
+            futures = {self.executor.submit(simulate_window, *self.tasks[i][1]): i for i in todo}
+            for fut in cf.as_completed(futures):
+                i = futures[fut]
+                out[i] = fut.result()
+                self._store(self.tasks[i][0], out[i])  # type: ignore[arg-type]
+                done += 1
+                say("windows", done, total)
+        return out  # type: ignore[return-value]
+
+
+def _plans(wins: Sequence[Trace], table: GoodputTable, profile: Profile, settings: EvalSettings) -> list[PlacementPlan]:
+    """One placement per window, sized for the previous window's rate (the first for its own)."""
     plans = []
     prev_rate = None
     for w in wins:
@@ -133,64 +241,116 @@ def run_workload(name: str, load: float, trace: Trace, scenario: Scenario, profi
         plans.append(place(table, profile, predicted, settings.gpus, alpha=settings.alpha,
                            objective=settings.objective, window_s=settings.window_s))  # type: ignore[arg-type]
         prev_rate = observed
-    rows = []
-    pooled = {}
-    for policy in policies:
-        runs = []
-        for w, plan in zip(wins, plans):
-            use = distserve if policy == "distserve" else plan
-            pol = make_policy({"distserve": "distserve", "placeonly": "baseline", "dualscale": "dualscale"}[policy],
-                              profile, scenario)
-            runs.append(Simulation(scenario, profile, w, pol, placement=_placement(use)).run())
-        pooled[policy] = (_pool(runs, scenario), [distserve] * len(wins) if policy == "distserve" else plans)
-    base = pooled["distserve"][0] if "distserve" in pooled else None
-    for policy in policies:
-        p, used = pooled[policy]
-        rows.append(EvalRow(
-            workload=name, load=load, rate_per_s=len(trace) / max(trace.duration_s, 1e-9), policy=policy,
-            requests=p["requests"], completed=p["completed"],
-            energy_j={"prefill": p["prefill_j"], "decode": p["decode_j"], "total": p["prefill_j"] + p["decode_j"]},
-            j_per_token={"prefill": p["prefill_j_per_token"], "decode": p["decode_j_per_token"]},
-            saving_vs_distserve={} if base is None else {"prefill": 1 - p["prefill_j"] / base["prefill_j"],
-                                                         "decode": 1 - p["decode_j"] / base["decode_j"]},
-            ttft_p99_s=p["ttft_p99_s"], tpot_p99_s=p["tpot_p99_s"], slo_met=p["met"],
-            gpus_mean=float(np.mean([u.gpus_used for u in used])),
-            infeasible_windows=sum(not u.feasible for u in used), windows=len(used)))
-    return rows
+    return plans
+
+
+class _Workload:
+    """One workload's windows, their plans, and where each policy's windows sit in the task list."""
+
+    def __init__(self, name: str, load: float, trace: Trace, scenario: Scenario, profile: Profile,
+                 table: GoodputTable, settings: EvalSettings, distserve: PlacementPlan, policies: Sequence[str],
+                 windows: _Windows) -> None:
+        unknown = [p for p in policies if p not in POLICIES]
+        if unknown:
+            raise ValueError(f"policies: {unknown} not among {POLICIES}")
+        self.name, self.load, self.trace, self.scenario, self.policies = name, load, trace, scenario, policies
+        self.distserve = distserve
+        wins = _windows(trace, settings.window_s)
+        self.plans = _plans(wins, table, profile, settings)
+        # each window starts empty with fresh controllers (the paper's setting); a policy whose
+        # state should flow from one window into the next would chain its windows here instead
+        self.tasks = {p: [windows.add(scenario, profile, p, w, distserve if p == "distserve" else plan)
+                          for w, plan in zip(wins, self.plans)] for p in policies}
+
+    def rows(self, outcomes: Sequence[WindowOutcome]) -> list[EvalRow]:
+        pooled = {p: _pool([outcomes[i] for i in idx], self.scenario) for p, idx in self.tasks.items()}
+        base = pooled.get("distserve")
+        rows = []
+        for policy in self.policies:
+            p = pooled[policy]
+            used = [self.distserve] * len(self.plans) if policy == "distserve" else self.plans
+            rows.append(EvalRow(
+                workload=self.name, load=self.load, rate_per_s=len(self.trace) / max(self.trace.duration_s, 1e-9),
+                policy=policy, requests=p["requests"], completed=p["completed"],
+                energy_j={"prefill": p["prefill_j"], "decode": p["decode_j"], "total": p["prefill_j"] + p["decode_j"]},
+                j_per_token={"prefill": p["prefill_j_per_token"], "decode": p["decode_j_per_token"]},
+                saving_vs_distserve={} if base is None else {"prefill": 1 - p["prefill_j"] / base["prefill_j"],
+                                                             "decode": 1 - p["decode_j"] / base["decode_j"]},
+                ttft_p99_s=p["ttft_p99_s"], tpot_p99_s=p["tpot_p99_s"], slo_met=p["met"],
+                gpus_mean=float(np.mean([u.gpus_used for u in used])),
+                infeasible_windows=sum(not u.feasible for u in used), windows=len(used)))
+        return rows
+
+
+@contextlib.contextmanager
+def _pool_of(executor: cf.Executor | None, workers: int | None) -> Iterator[cf.Executor | None]:
+    """``executor`` as given; else a process pool of ``workers`` (None: every CPU; 1: none, run here)."""
+    if executor is not None or workers == 1 or (workers is None and (os.cpu_count() or 1) == 1):
+        yield executor
+        return
+    with cf.ProcessPoolExecutor(max_workers=workers) as ex:
+        yield ex
+
+
+def run_workload(name: str, load: float, trace: Trace, scenario: Scenario, profile: Profile,
+                 table: GoodputTable, settings: EvalSettings, distserve: PlacementPlan,
+                 policies: Sequence[str] = POLICIES, *, executor: cf.Executor | None = None,
+                 cache_dir: Path | None = None) -> list[EvalRow]:
+    """Each of ``policies`` (default: every one) over ``trace``, planned window by window. Savings
+    are against DistServe when it is among them. Windows run on ``executor`` (default: here) and
+    are cached in ``cache_dir`` (default: not cached)."""
+    windows = _Windows(cache_dir, executor, None)
+    wl = _Workload(name, load, trace, scenario, profile, table, settings, distserve, policies, windows)
+    return wl.rows(windows.run())
 
 
 def evaluate(scenario: Scenario, settings: EvalSettings = EvalSettings(), *, workers: int | None = None,
-             cache_dir: Path | None = None, progress: Callable[[str], None] | None = None) -> tuple[list[EvalRow], GoodputTable, PlacementPlan]:
+             executor: cf.Executor | None = None, cache_dir: Path | None = None, use_cache: bool = True,
+             progress: Progress | None = None) -> tuple[list[EvalRow], GoodputTable, PlacementPlan]:
     """Run the comparison; returns the rows, the trace's goodput table and the DistServe placement
-    (sized on the trace's table; Gamma workloads are planned on a table of Gamma arrivals)."""
+    (sized on the trace's table; Gamma workloads are planned on a table of Gamma arrivals).
+
+    Args:
+        executor: any ``concurrent.futures.Executor`` for the goodput probes and the windows (a
+            Dask ``Client.get_executor()``, a Ray-backed one); default: a process pool of
+            ``workers`` processes (None: every CPU; 1: everything in this process).
+        cache_dir: goodput tables and window outcomes are kept here (default
+            :func:`~dualscale.placement.goodput.default_cache_dir`); ``use_cache=False`` neither
+            reads nor writes window outcomes (goodput tables are still cached).
+        progress: called with (stage, done, total) as tasks finish.
+    """
     profile = Profile.load(scenario.profile)
     lengths = load_trace(settings.lengths_trace)
-    say = progress or (lambda msg: None)
-    # goodput depends on the arrival process, not only the rate: one table per kind of workload,
-    # measured on that workload's arrivals (probes rescale the rate from there)
-    say("goodput table (trace arrivals)")
-    table = goodput_table(scenario, window(lengths, 0.0, settings.table_window_s), settings.goodput,
-                          workers=workers, cache_dir=cache_dir)
-    say("goodput table (gamma arrivals)")
-    gamma_settings = msgspec.structs.replace(settings.goodput, arrivals="gamma", gamma_cv=settings.gamma_cv,
-                                             gamma_seed=settings.seed)
-    gamma_table = goodput_table(scenario, window(lengths, 0.0, settings.table_window_s), gamma_settings,
-                                workers=workers, cache_dir=cache_dir)
-    top = max(settings.goodput.clocks_mhz)
-    capacity, _, _ = max_rate(table, profile, settings.gpus, [top])
-    if capacity <= 0:
-        raise ValueError(f"{settings.gpus} GPUs cannot serve any rate within the SLOs at {top} MHz")
-    distserve = max_goodput_plan(table, profile, settings.gpus, alpha=settings.alpha, window_s=settings.window_s)
-    rows: list[EvalRow] = []
-    for load in settings.gamma_loads:
-        rate = load * capacity
-        say(f"gamma {rate:.2f} req/s ({load:.0%} of capacity)")
-        tr = gamma_trace(rate, settings.gamma_cv, settings.gamma_duration_s, lengths, settings.seed)
-        rows += run_workload("gamma", load, tr, scenario, profile, gamma_table, settings, distserve)
-    for load in settings.trace_loads:
+    say = progress or (lambda what, i, n: None)
+    cache = cache_dir or default_cache_dir()
+    with _pool_of(executor, workers) as ex:
+        # goodput depends on the arrival process, not only the rate: one table per kind of workload,
+        # measured on that workload's arrivals (probes rescale the rate from there)
+        tables = []
+        for kind, gs in (("trace", settings.goodput),
+                         ("gamma", msgspec.structs.replace(settings.goodput, arrivals="gamma",
+                                                           gamma_cv=settings.gamma_cv, gamma_seed=settings.seed))):
+            stage = f"goodput table ({kind} arrivals)"
+            say(stage, 0, 1)
+            tables.append(goodput_table(scenario, window(lengths, 0.0, settings.table_window_s), gs,
+                                        executor=ex, workers=1 if ex is None else None, cache_dir=cache,
+                                        progress=lambda i, n, stage=stage: say(stage, i, n)))
+        table, gamma_table = tables
+        top = max(settings.goodput.clocks_mhz)
+        capacity, _, _ = max_rate(table, profile, settings.gpus, [top])
+        if capacity <= 0:
+            raise ValueError(f"{settings.gpus} GPUs cannot serve any rate within the SLOs at {top} MHz")
+        distserve = max_goodput_plan(table, profile, settings.gpus, alpha=settings.alpha, window_s=settings.window_s)
+        windows = _Windows(cache if use_cache else None, ex, progress)
+        workloads = []
+        for load in settings.gamma_loads:
+            tr = gamma_trace(load * capacity, settings.gamma_cv, settings.gamma_duration_s, lengths, settings.seed)
+            workloads.append(_Workload("gamma", load, tr, scenario, profile, gamma_table, settings, distserve,
+                                       POLICIES, windows))
         base = window(lengths, 0.0, settings.trace_duration_s)
-        rate = load * capacity
-        say(f"{settings.lengths_trace} at {load:.0%} of capacity ({rate:.2f} req/s)")
-        tr = at_rate(base, rate)
-        rows += run_workload(settings.lengths_trace, load, tr, scenario, profile, table, settings, distserve)
+        for load in settings.trace_loads:
+            workloads.append(_Workload(settings.lengths_trace, load, at_rate(base, load * capacity), scenario, profile,
+                                       table, settings, distserve, POLICIES, windows))
+        outcomes = windows.run()
+    rows = [r for wl in workloads for r in wl.rows(outcomes)]
     return rows, table, distserve

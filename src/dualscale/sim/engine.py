@@ -27,6 +27,14 @@ What is modelled (and what is not) — every number comes from the profile or th
   from time 0 to the last request's completion. Routing: weighted least-load (prefill: queued
   prompt tokens; decode: reserved KV tokens), weights from the scenario.
 
+How it runs: one event heap (arrivals, prefill iterations ending, requests reaching a decode
+instance, decode steps ending). Decode steps, most of the events, run in compiled macro-steps
+(``dualscale.control.DecodeStepper``): a decode instance is advanced step after step, its
+controller deciding and learning at every step, until a step ends at or after the next event that
+could touch it (an arrival, a prefill iteration ending, since either may route a request to it,
+or a request reaching it); with a ground truth that draws random numbers, until the next event of
+any kind, so the draws keep their order. Results equal the per-event engine's (tests/sim).
+
 Not modelled: prefix caching, preemption/recomputation, network contention between transfers,
 CPU overheads outside the profile's per-iteration time, and the prefill instance's own KV memory.
 """
@@ -34,16 +42,16 @@ CPU overheads outside the profile's per-iteration time, and the prefill instance
 from __future__ import annotations
 
 import heapq
+import math
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
-from dualscale.control import BatchFormer
+from dualscale.control import DecodeController, DecodeStepper, Plant, PrefillStepper
 from dualscale.profile import Profile
 from dualscale.sim.policies import DecodeControl, Policy, PrefillControl
 from dualscale.sim.scenario import Scenario
@@ -53,172 +61,85 @@ from dualscale.sim.truth import GroundTruth
 _ARRIVAL, _PREFILL_DONE, _DECODE_READY, _DECODE_DONE = 0, 1, 2, 3
 
 
-@dataclass
 class Timeline:
     """Segments of one instance's life: [t0_s, t1_s) at ``freq_mhz`` drawing ``power_w`` per GPU,
-    with ``queue`` requests waiting (prefill) or running (decode) when the segment began."""
+    with ``queue`` requests waiting (prefill) or running (decode) when the segment began (arrays)."""
 
-    t0_s: list[float] = field(default_factory=list)
-    t1_s: list[float] = field(default_factory=list)
-    freq_mhz: list[int] = field(default_factory=list)
-    power_w: list[float] = field(default_factory=list)
-    queue: list[int] = field(default_factory=list)
-    busy: list[bool] = field(default_factory=list)
+    def __init__(self, t0_s: ArrayLike, t1_s: ArrayLike, freq_mhz: ArrayLike, power_w: ArrayLike, queue: ArrayLike,
+                 busy: ArrayLike) -> None:
+        self.t0_s = np.asarray(t0_s, dtype=np.float64)
+        self.t1_s = np.asarray(t1_s, dtype=np.float64)
+        self.freq_mhz = np.asarray(freq_mhz, dtype=np.int64)
+        self.power_w = np.asarray(power_w, dtype=np.float64)
+        self.queue = np.asarray(queue, dtype=np.int64)
+        self.busy = np.asarray(busy, dtype=np.bool_)
+
+    def __len__(self) -> int:
+        return self.t0_s.shape[0]
+
+    @classmethod
+    def of_segments(cls, f: NDArray[np.float64], i: NDArray[np.int64]) -> Timeline:
+        """From rows (t0, t1, power) and (clock, queue, busy), as preallocated buffers hold them."""
+        return cls(f[0], f[1], i[0], f[2], i[1], i[2].astype(np.bool_))
 
 
-class _Instance:
-    """Clock state and energy accounting shared by prefill and decode instances."""
+class _Served:
+    """An instance of either phase: its compiled stepper (clock, energy, timeline) and its control."""
 
-    def __init__(self, index: int, phase: str, tp: int, profile: Profile, delay_s: float, weight: float,
-                 start_mhz: int, truth: GroundTruth | None) -> None:
+    def __init__(self, control: PrefillControl | DecodeControl, stepper: PrefillStepper | DecodeStepper, index: int,
+                 tp: int, weight: float) -> None:
+        self.control = control
+        self.stepper = stepper
         self.index = index
-        self.phase = phase
         self.tp = tp
         self.weight = weight
-        self.delay_s = delay_s
-        self.clocks = profile.clocks_mhz
-        self.f0 = int(self.clocks[0])
-        self.step = int(profile.config.gpu.clock_step_mhz)
-        self.idle_w = np.asarray(profile.idle_power_w(self.clocks.astype(np.float64)), dtype=np.float64)
-        self.grid = profile.evaluator(phase, tp)  # type: ignore[arg-type]
-        self.out = self.grid.out  # the running iteration's time and power on every clock (the truth's)
-        self.truth = truth
-        self.eff: NDArray[np.int64] | None = None  # clock that runs per clock asked (None: the same)
-        self.iter_j = -1  # clock the last iteration ran at throughout, -1 if it changed midway
-        self.step_started_s = 0.0
-        self.j = self._idx(start_mhz)  # clock in effect (grid index)
-        self.pending_j = -1
-        self.pending_at_s = 0.0
-        self.t_acct_s = 0.0  # energy is accounted up to here
-        self.busy = False
-        self.energy_busy_j = 0.0
-        self.energy_idle_j = 0.0
-        self.timeline = Timeline()
-        self.queue_len = 0
+        self.asks = stepper.asks  # the control decides and learns in Python, one iteration per call
 
-    def _idx(self, freq_mhz: int) -> int:
-        return (int(freq_mhz) - self.f0) // self.step
+    @property
+    def timeline(self) -> Timeline:
+        return Timeline.of_segments(*self.stepper.segments())
 
-    def request_clock(self, freq_mhz: int, now_s: float) -> None:
-        j = self._idx(freq_mhz)
-        target = self.pending_j if self.pending_j >= 0 else self.j
-        if j == target:
-            return
-        if j == self.j:  # asking for the clock in effect again cancels the switch under way
-            self.pending_j = -1
-        elif self.delay_s == 0.0:
-            self.j = j
-            self.pending_j = -1
-        else:
-            self.pending_j = j
-            self.pending_at_s = now_s + (self.delay_s if self.truth is None else self.truth.switch_delay_s(self.delay_s))
+    @property
+    def energy_busy_j(self) -> float:
+        return self.stepper.energy_busy_j
 
-    def _segment(self, t0: float, t1: float, j: int, power_w: float, busy: bool) -> None:
-        if t1 <= t0:
-            return
-        power_w = float(power_w)
-        e = self.tp * power_w * (t1 - t0)
-        if busy:
-            self.energy_busy_j += e
-        else:
-            self.energy_idle_j += e
-        tl = self.timeline
-        tl.t0_s.append(t0)
-        tl.t1_s.append(t1)
-        tl.freq_mhz.append(self.read_back_mhz(j))
-        tl.power_w.append(power_w)
-        tl.queue.append(self.queue_len)
-        tl.busy.append(busy)
-
-    def idle_until(self, t_s: float) -> None:
-        """Account idle power from the last accounted time to ``t_s`` (splitting at a clock switch)."""
-        t0 = self.t_acct_s
-        if t_s <= t0:
-            return
-        if self.pending_j >= 0 and self.pending_at_s < t_s:
-            mid = max(t0, self.pending_at_s)
-            self._segment(t0, mid, self.j, self.idle_w[self.j], False)
-            self.j = self.pending_j
-            self.pending_j = -1
-            t0 = mid
-        self._segment(t0, t_s, self.j, self.idle_w[self.j], False)
-        self.t_acct_s = t_s
-
-    def read_back_mhz(self, j: int) -> int:
-        """The clock that runs (and reads back) when column ``j`` is asked for: a capped GPU runs lower."""
-        return int(self.clocks[j if self.eff is None else self.eff[j]])
-
-    def evaluate(self, out: NDArray[np.float64]) -> None:
-        """The model's grid for the iteration about to run is in ``out``: make it the truth's."""
-        if self.truth is not None:
-            self.eff = self.truth.apply(out)
-
-    def run(self, t0: float) -> float:
-        """Run the iteration whose grid evaluation is in ``self.out`` from ``t0``; returns its end."""
-        times = self.out[0]
-        power = self.out[1]
-        j = self.j
-        t_old = float(times[j])
-        self.step_started_s = t0
-        if self.pending_j < 0 or self.pending_at_s >= t0 + t_old:
-            t1 = t0 + t_old
-            self._segment(t0, t1, j, power[j], True)
-            self.iter_j = j
-        else:
-            self.iter_j = -1
-            s1 = max(0.0, self.pending_at_s - t0)
-            jn = self.pending_j
-            mid = t0 + s1
-            t1 = mid + (1.0 - s1 / t_old) * float(times[jn])
-            self._segment(t0, mid, j, power[j], True)
-            self._segment(mid, t1, jn, power[jn], True)
-            self.j = jn
-            self.pending_j = -1
-        self.t_acct_s = t1
-        return t1
-
-    def measured(self, t: float) -> tuple[float, int, float]:
-        """What an engine measures of the iteration that just ended at ``t``: (time s, clock in
-        effect MHz as read back or 0 if it changed midway, power per GPU W or 0)."""
-        j = self.iter_j
-        if j < 0:
-            return t - self.step_started_s, 0, 0.0
-        return t - self.step_started_s, self.read_back_mhz(j), float(self.out[1, j])
+    @property
+    def energy_idle_j(self) -> float:
+        return self.stepper.energy_idle_j
 
 
-class _Prefill(_Instance):
-    def __init__(self, control: PrefillControl, **kw: object) -> None:
-        super().__init__(phase="prefill", start_mhz=control.idle_mhz, **kw)  # type: ignore[arg-type]
-        self.control = control
-        self.queue: deque[int] = deque()
-        self.load_tokens = 0  # prompt tokens queued, not yet prefilled (routing load)
-        self.batch: list[tuple[int, int]] = []  # (request, tokens) of the batch running
+class _Prefill(_Served):
+    """A prefill instance (queue and batches in its stepper)."""
+
+    control: PrefillControl
+    stepper: PrefillStepper
+
+    def __init__(self, control: PrefillControl, stepper: PrefillStepper, index: int, tp: int, weight: float) -> None:
+        super().__init__(control, stepper, index, tp, weight)
+        self.done_at_s = math.inf  # end of the batch running (inf when idle)
 
 
-class _Decode(_Instance):
-    def __init__(self, control: DecodeControl, kv_capacity_tokens: int, max_batch: int, **kw: object) -> None:
-        super().__init__(phase="decode", start_mhz=control.idle_mhz, **kw)  # type: ignore[arg-type]
-        self.control = control
+class _Decode(_Served):
+    """A decode instance (running batch and waiting requests in its stepper)."""
+
+    control: DecodeControl
+    stepper: DecodeStepper
+
+    def __init__(self, control: DecodeControl, stepper: DecodeStepper, index: int, tp: int, weight: float,
+                 kv_capacity_tokens: int) -> None:
+        super().__init__(control, stepper, index, tp, weight)
         self.kv_capacity_tokens = kv_capacity_tokens
-        self.max_batch = max_batch
-        self.waiting: deque[int] = deque()
-        self.reserved_tokens = 0  # KV reserved by running requests
-        self.routed_tokens = 0  # reserved + on the way (routing load)
-        cap = 64
-        self.rid = np.empty(cap, dtype=np.int64)
-        self.ctx = np.empty(cap, dtype=np.int64)
-        self.out_done = np.empty(cap, dtype=np.int64)
-        self.out_target = np.empty(cap, dtype=np.int64)
-        self.first_s = np.empty(cap)
-        self.need = np.empty(cap, dtype=np.int64)
-        self.n = 0
+        self.ready_s: list[float] = []  # heap of the times requests routed here reach it
 
-    def grow(self) -> None:
-        for name in ("rid", "ctx", "out_done", "out_target", "first_s", "need"):
-            a = getattr(self, name)
-            b = np.empty(2 * a.size, dtype=a.dtype)
-            b[: self.n] = a[: self.n]
-            setattr(self, name, b)
+
+def _shortest_batch_s(profile: Profile, tp: int, plant: Plant) -> float:
+    """A lower bound on any prefill batch's time on ``plant`` (s): one token at the fastest clock.
+    Time grows with every term of a batch's work, and the truth scales it (or reshapes it around
+    the top clock's time) without going under the faster of the two shapes; a power cap only
+    runs slower clocks. Trimmed by 1e-9 so rounding never lifts it above a real batch."""
+    t = np.asarray(profile.prefill_time_s(tp, [1], profile.clocks_mhz.astype(np.float64)), dtype=np.float64)
+    shaped = t[-1] + (1.0 + plant.clock_shape_error) * (t - t[-1])
+    return float(min(t.min(), shaped.min())) * plant.time_factor * (1.0 - 1e-9)
 
 
 @dataclass(frozen=True)
@@ -288,12 +209,16 @@ class Simulation:
         model = profile.config.model
         self.block = int(model.kv_block_tokens)
         self.transfer_s_per_token = model.kv_bytes_per_token * 8.0 / (c.kv_link_gbps * 1e9)
-        self.former = BatchFormer(scenario.prefill.max_batch_tokens)
         truth = scenario.truth
         rng = np.random.default_rng(truth.seed)
 
-        def ground(phase: str, tp: int) -> GroundTruth | None:
-            return None if truth.is_model else GroundTruth(truth, phase, tp, rng)
+        def plant(phase: str, tp: int) -> Plant:
+            return Plant() if truth.is_model else GroundTruth(truth, phase, tp, rng).plant()
+
+        def stepping(control: PrefillControl | DecodeControl) -> DecodeController | int | None:
+            # a control without ``stepping`` (duck-typed, as tests and recorders write them) is asked every time
+            fast = getattr(control, "stepping", None)
+            return fast() if fast is not None else None
 
         if placement is None:
             pw = scenario.prefill.weights or [1.0] * scenario.prefill.instances
@@ -302,35 +227,54 @@ class Simulation:
                                   decode=[(scenario.decode.tp, None, w) for w in dw])
         if not placement.prefill or not placement.decode:
             raise ValueError("placement: needs at least one prefill and one decode instance")
-        self.prefill = [
-            _Prefill(policy.prefill(tp, base), index=i, tp=tp, profile=profile, delay_s=c.clock_switch_delay_s,
-                     weight=w, truth=ground("prefill", tp))
-            for i, (tp, base, w) in enumerate(placement.prefill)
-        ]
-        self.decode = [
-            _Decode(policy.decode(tp, base), profile.kv_capacity_tokens(tp), scenario.decode.max_batch_requests,
-                    index=i, tp=tp, profile=profile, delay_s=c.clock_switch_delay_s, weight=w,
-                    truth=ground("decode", tp))
-            for i, (tp, base, w) in enumerate(placement.decode)
-        ]
-        kv_cap = max(d.kv_capacity_tokens for d in self.decode)
         n = len(trace)
         self.arrival_s = trace.arrival_s
         self.prompt = trace.input_tokens
         self.output = trace.output_tokens
-        self.prefilled = np.zeros(n, dtype=np.int64)
-        self.first_token_s = np.full(n, np.nan)
-        self.finish_s = np.full(n, np.nan)
-        self.ready_s = np.full(n, np.nan)
-        self.admit_wait_s = np.zeros(n)
-        self.kv_blocked = np.zeros(n, dtype=np.bool_)
-        self.tokens_out = np.zeros(n, dtype=np.int64)  # output tokens emitted, recorded at finish
-        self.decode_of = np.full(n, -1, dtype=np.int64)
         need = -(-(self.prompt + self.output) // self.block) * self.block
         self.need = need
+        # per-request records, shared with the steppers (which write prefill progress, first
+        # tokens, admission and finish)
+        req = DecodeStepper.request_arrays(self.arrival_s, self.prompt, self.output, need)
+        self._req_i, self._req_f = req
+        S = DecodeStepper
+        self.first_token_s = self._req_f[S.REQ_FIRST_TOKEN_S]
+        self.ready_s = self._req_f[S.REQ_READY_S]
+        self.admit_wait_s = self._req_f[S.REQ_ADMIT_WAIT_S]
+        self.finish_s = self._req_f[S.REQ_FINISH_S]
+        self.tokens_out = self._req_i[S.REQ_TOKENS_OUT]  # output tokens emitted, recorded at finish
+        self.prefilled = self._req_i[S.REQ_PREFILLED]
+        delay = c.clock_switch_delay_s
+        self.prefill = []
+        for i, (tp, base, w) in enumerate(placement.prefill):
+            pc = policy.prefill(tp, base)
+            stepper = PrefillStepper(profile, tp, stepping(pc), idle_freq_mhz=pc.idle_mhz, requests=req,
+                                     plant=plant("prefill", tp), switch_delay_s=delay,
+                                     max_batch_tokens=scenario.prefill.max_batch_tokens, prefill_only=only == "prefill",
+                                     rng=rng)
+            self.prefill.append(_Prefill(pc, stepper, i, tp, w))
+        self.decode = []
+        for i, (tp, base, w) in enumerate(placement.decode):
+            dc = policy.decode(tp, base)
+            kv = profile.kv_capacity_tokens(tp)
+            dstep = DecodeStepper(profile, tp, stepping(dc), idle_freq_mhz=dc.idle_mhz, requests=req,
+                                  plant=plant("decode", tp), switch_delay_s=delay, kv_capacity_tokens=kv,
+                                  max_batch_requests=scenario.decode.max_batch_requests, rng=rng)
+            self.decode.append(_Decode(dc, dstep, i, tp, w, kv))
+        # a draw anywhere must keep its place in the run's order: then macro-steps stop at the next
+        # event of any kind
+        self._draws = not truth.is_model and (truth.latency_noise > 0.0 or truth.switch_jitter != 0.0)
+        # an arrival reaches decode no sooner than the shortest prefill batch after it (decode alone: at once)
+        self._arrival_lead_s = 0.0 if only == "decode" else min(
+            _shortest_batch_s(profile, tp, plant("prefill", tp)) for tp, _, _ in placement.prefill)
+        kv_cap = max(d.kv_capacity_tokens for d in self.decode)
+        self.decode_of = np.full(n, -1, dtype=np.int64)
         self.rejected = (need > kv_cap) & (self.output > 1) & (only != "prefill")
+        self._req_i[S.REQ_REJECTED] = self.rejected
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = 0
+        self._next_r = 0
+        self._last_s = 0.0  # latest event time processed, macro-steps included
 
     def _push(self, t: float, kind: int, a: int) -> None:
         self._seq += 1
@@ -338,57 +282,51 @@ class Simulation:
 
     # ---- prefill ------------------------------------------------------------------------------
     def _arrive(self, r: int, t: float) -> None:
-        inst = min(self.prefill, key=lambda p: p.load_tokens / p.weight)
-        inst.queue.append(r)
-        inst.load_tokens += int(self.prompt[r])
-        if not inst.busy:
-            self._start_prefill(inst, t)
+        inst = min(self.prefill, key=lambda p: p.stepper.load_tokens / p.weight)
+        inst.stepper.enqueue(r)
+        if not inst.stepper.busy:
+            self._advance_prefill(inst, t, boundary=False)
 
-    def _start_prefill(self, inst: _Prefill, t: float) -> None:
-        inst.idle_until(t)
-        q = np.fromiter(inst.queue, dtype=np.int64, count=len(inst.queue))
-        inst.queue_len = q.size
-        f = inst.control.clock(t, self.arrival_s[q], self.prompt[q], self.prefilled[q], 0.0)
-        inst.request_clock(f, t)
-        # the next batch by the very rule the prefill controller projects
-        chunk_tokens, chunk_prefix = self.former.next_batch(self.prompt[q], self.prefilled[q])
-        n_chunks = chunk_tokens.shape[0]  # one chunk per request, in queue order
-        inst.evaluate(inst.grid.prefill(chunk_tokens, chunk_prefix))
-        batch = list(zip(q[:n_chunks].tolist(), chunk_tokens.tolist()))
-        inst.batch = batch
-        inst.busy = True
-        self._push(inst.run(t), _PREFILL_DONE, inst.index)
-
-    def _prefill_done(self, inst: _Prefill, t: float) -> None:
-        inst.control.observe(*inst.measured(t))
-        for r, take in inst.batch:
-            self.prefilled[r] += take
-            inst.load_tokens -= take
-            if self.prefilled[r] == self.prompt[r]:
-                inst.queue.popleft()
-                self.first_token_s[r] = t
-                if self.output[r] <= 1 or self.only == "prefill":
-                    self.finish_s[r] = t
-                    self.tokens_out[r] = 1
-                elif self.rejected[r]:
-                    pass  # can never fit a decode instance: reported, never finishes
-                else:
-                    self._route_decode(r, t, t + self.prompt[r] * self.transfer_s_per_token)
-        inst.batch = []
-        inst.busy = False
-        if inst.queue:
-            self._start_prefill(inst, t)
+    def _advance_prefill(self, inst: _Prefill, t: float, boundary: bool) -> None:
+        """Run ``inst``'s batches from ``t`` (``boundary``: its batch in flight ended at ``t``) up
+        to the next arrival (which the router may send to it), or one batch when its control
+        decides in Python; requests whose prompt completed at ``t`` go on to decode."""
+        stepper = inst.stepper
+        if inst.asks:
+            if boundary:
+                inst.control.observe(*stepper.measured(t))
+            code, t1 = stepper.advance(t, t, boundary=boundary)
+            self._route_all(stepper.routed(), t)
+            if code == PrefillStepper.NEED_DECISION:
+                q, prompt, prefilled = stepper.queue_views()
+                t1 = stepper.run_decided(t1, inst.control.clock(t1, self.arrival_s[q], prompt, prefilled, 0.0))
+                code = PrefillStepper.RUNNING
         else:
-            inst.queue_len = 0
-            inst.request_clock(inst.control.idle_mhz, t)
+            h = float(self.arrival_s[self._next_r]) if self._next_r < self.arrival_s.size else math.inf
+            if self._draws and self._heap:
+                h = min(h, self._heap[0][0])
+            code, t1 = stepper.advance(t, h, boundary=boundary)
+            self._route_all(stepper.routed(), t)
+        if code == PrefillStepper.RUNNING:
+            inst.done_at_s = t1
+            self._push(t1, _PREFILL_DONE, inst.index)
+        else:
+            inst.done_at_s = math.inf
+            self._last_s = max(self._last_s, t1)
+
+    def _route_all(self, requests: NDArray[np.int64], t: float) -> None:
+        for r in requests.tolist():
+            self._route_decode(r, t, t + self.prompt[r] * self.transfer_s_per_token)
 
     # ---- decode -------------------------------------------------------------------------------
     def _route_decode(self, r: int, t: float, ready_s: float) -> None:
-        need = self.need[r]
-        d = min((x for x in self.decode if x.kv_capacity_tokens >= need), key=lambda x: x.routed_tokens / x.weight)
-        d.routed_tokens += int(self.need[r])
+        need = int(self.need[r])
+        d = min((x for x in self.decode if x.kv_capacity_tokens >= need),
+                key=lambda x: x.stepper.routed_tokens / x.weight)
+        d.stepper.route(need)
         self.decode_of[r] = d.index
         self.ready_s[r] = ready_s
+        heapq.heappush(d.ready_s, float(ready_s))
         self._push(ready_s, _DECODE_READY, r)
 
     def _arrive_decode_only(self, r: int, t: float) -> None:
@@ -401,68 +339,43 @@ class Simulation:
 
     def _decode_ready(self, r: int, t: float) -> None:
         d = self.decode[self.decode_of[r]]
-        d.waiting.append(r)
-        if not d.busy:
-            self._start_decode(d, t)
+        heapq.heappop(d.ready_s)
+        d.stepper.enqueue(r)
+        if not d.stepper.busy:
+            self._advance_decode(d, t, boundary=False)
 
-    def _start_decode(self, d: _Decode, t: float) -> None:
-        while d.waiting and d.n < d.max_batch:
-            r = d.waiting[0]
-            need = int(self.need[r])
-            if d.reserved_tokens + need > d.kv_capacity_tokens:
-                self.kv_blocked[r] = True
-                break
-            d.waiting.popleft()
-            if d.n == d.rid.size:
-                d.grow()
-            i = d.n
-            d.rid[i] = r
-            d.ctx[i] = self.prompt[r] + 1
-            d.out_done[i] = 1
-            d.out_target[i] = self.output[r]
-            d.first_s[i] = self.first_token_s[r]
-            d.need[i] = need
-            d.n += 1
-            d.reserved_tokens += need
-            self.admit_wait_s[r] = t - self.ready_s[r]
-        n = d.n
-        if n == 0:
-            d.busy = False
-            d.queue_len = 0
-            d.idle_until(t)
-            d.request_clock(d.control.idle_mhz, t)
-            return
-        d.idle_until(t)
-        d.queue_len = n
-        ctx = d.ctx[:n]
-        kv_util = min(1.0, float(ctx.sum()) / d.kv_capacity_tokens)
-        f = d.control.clock(t, d.first_s[:n], d.out_done[:n], ctx, kv_util)
-        d.request_clock(f, t)
-        d.evaluate(d.grid.decode(ctx))
-        d.busy = True
-        self._push(d.run(t), _DECODE_DONE, d.index)
+    def _horizon(self, d: _Decode) -> float:
+        """The earliest time another event could touch ``d`` (its steps ending before it are safe
+        to run now): a prefill batch ending (it may route a request to it; one an arrival starts
+        ends at least the shortest batch after it), a request reaching it; with random draws, the
+        next event of any kind."""
+        h = float(self.arrival_s[self._next_r]) if self._next_r < self.arrival_s.size else math.inf
+        if self._draws:
+            return min(h, self._heap[0][0]) if self._heap else h
+        h += self._arrival_lead_s
+        if d.ready_s:
+            h = min(h, d.ready_s[0])
+        for p in self.prefill:
+            h = min(h, p.done_at_s)
+        return h
 
-    def _decode_done(self, d: _Decode, t: float) -> None:
-        n = d.n
-        d.control.observe(*d.measured(t))
-        d.out_done[:n] += 1
-        d.ctx[:n] += 1
-        done = d.out_done[:n] >= d.out_target[:n]
-        if done.any():
-            fin = d.rid[:n][done]
-            self.finish_s[fin] = t
-            self.tokens_out[fin] = d.out_done[:n][done]
-            released = int(d.need[:n][done].sum())
-            d.reserved_tokens -= released
-            d.routed_tokens -= released
-            keep = ~done
-            m = int(keep.sum())
-            for name in ("rid", "ctx", "out_done", "out_target", "first_s", "need"):
-                a = getattr(d, name)
-                a[:m] = a[:n][keep]
-            d.n = m
-        d.busy = False
-        self._start_decode(d, t)
+    def _advance_decode(self, d: _Decode, t: float, boundary: bool) -> None:
+        """Run ``d``'s steps from ``t`` up to the horizon (``boundary``: its step in flight ended at ``t``)."""
+        stepper = d.stepper
+        if d.asks:  # the policy's control decides and learns in Python: one step per call
+            if boundary:
+                d.control.observe(*stepper.measured(t))
+            code, t1 = stepper.advance(t, t, boundary=boundary)
+            if code == DecodeStepper.NEED_DECISION:
+                first, out, ctx, kv = stepper.batch_views()
+                t1 = stepper.run_decided(t1, d.control.clock(t1, first, out, ctx, kv))
+                code = DecodeStepper.RUNNING
+        else:
+            code, t1 = stepper.advance(t, self._horizon(d), boundary=boundary)
+        if code == DecodeStepper.RUNNING:
+            self._push(t1, _DECODE_DONE, d.index)
+        elif t1 > self._last_s:  # the batch emptied at a step boundary run inside the macro-step
+            self._last_s = t1
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self, progress: Callable[[float], None] | None = None) -> RunResult:
@@ -471,36 +384,42 @@ class Simulation:
         arrivals = self.arrival_s
         n = arrivals.size
         heap = self._heap
-        next_r = 0
-        events = 0
+        events = 0  # iterations are counted by their steppers
         t = 0.0
         report_every = max(1, n // 200)
         arrive = self._arrive_decode_only if self.only == "decode" else self._arrive
-        while next_r < n or heap:
-            if next_r < n and (not heap or arrivals[next_r] <= heap[0][0]):
-                t = float(arrivals[next_r])
-                arrive(next_r, t)
-                next_r += 1
-                if progress is not None and next_r % report_every == 0:
+        while self._next_r < n or heap:
+            r = self._next_r
+            if r < n and (not heap or arrivals[r] <= heap[0][0]):
+                t = float(arrivals[r])
+                self._next_r = r + 1
+                arrive(r, t)
+                events += 1
+                if progress is not None and self._next_r % report_every == 0:
                     progress(t)
             else:
                 t, _, kind, a = heapq.heappop(heap)
                 if kind == _PREFILL_DONE:
-                    self._prefill_done(self.prefill[a], t)
+                    self._advance_prefill(self.prefill[a], t, boundary=True)
                 elif kind == _DECODE_DONE:
-                    self._decode_done(self.decode[a], t)
+                    self._advance_decode(self.decode[a], t, boundary=True)
                 else:
                     self._decode_ready(a, t)
-            events += 1
-        end_s = float(t)
-        for inst in (*self.prefill, *self.decode):
-            inst.idle_until(end_s)
+                    events += 1
+        end_s = max(float(t), self._last_s)
+        for p in self.prefill:
+            p.stepper.idle_until(end_s)
+            events += p.stepper.steps
+        for d in self.decode:
+            d.stepper.idle_until(end_s)
+            d.stepper.sync()
+            events += d.stepper.steps
         if progress is not None:
             progress(end_s)
         return RunResult(
             policy=self.policy.name, trace=self.trace, scenario=self.scenario,
             first_token_s=self.first_token_s, finish_s=self.finish_s, admit_wait_s=self.admit_wait_s,
-            kv_blocked=self.kv_blocked,
-            rejected=self.rejected, tokens_out=self.tokens_out, prefill=self.prefill, decode=self.decode, end_s=end_s, events=events,
-            wall_s=time.perf_counter() - wall0,
+            kv_blocked=self._req_i[DecodeStepper.REQ_KV_BLOCKED].astype(np.bool_),
+            rejected=self.rejected, tokens_out=self.tokens_out, prefill=self.prefill, decode=self.decode, end_s=end_s,
+            events=events, wall_s=time.perf_counter() - wall0,
         )

@@ -49,6 +49,11 @@ class PrefillControl(_Observer, ABC):
 
     idle_mhz: int
 
+    def stepping(self) -> int | None:
+        """A fixed clock (MHz) the simulator's compiled batches can run in place of :meth:`clock`
+        and :meth:`observe`, or None (ask every batch)."""
+        return None
+
     @abstractmethod
     def clock(self, now_s: float, arrival_s: NDArray[np.float64], prompt_tokens: NDArray[np.int64],
               prefilled_tokens: NDArray[np.int64], kv_util: float) -> int:
@@ -59,6 +64,11 @@ class DecodeControl(_Observer, ABC):
     """Clock choice of one decode instance."""
 
     idle_mhz: int
+
+    def stepping(self) -> DecodeController | int | None:
+        """What the simulator's compiled steps can run in place of :meth:`clock` and
+        :meth:`observe`: a fine-tier controller, a fixed clock (MHz), or None (ask every step)."""
+        return None
 
     @abstractmethod
     def clock(self, now_s: float, first_token_s: NDArray[np.float64], tokens_out: NDArray[np.int64],
@@ -91,6 +101,9 @@ class _Fixed(PrefillControl, DecodeControl):
         self._f = freq_mhz
 
     def clock(self, *args: object) -> int:
+        return self._f
+
+    def stepping(self) -> int:
         return self._f
 
 
@@ -131,8 +144,13 @@ class _MpcPrefill(_Controller, PrefillControl):
 
 
 class _SlackDecode(_Controller, DecodeControl):
+    ctl: DecodeController
+
     def clock(self, now_s, first_token_s, tokens_out, context_tokens, kv_util):  # type: ignore[no-untyped-def]
         return self.ctl.decide(now_s, first_token_s, tokens_out, context_tokens, kv_util).freq_mhz
+
+    def stepping(self) -> DecodeController:
+        return self.ctl
 
 
 class _FineTier(Policy):

@@ -7,11 +7,16 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
+from dualscale.control import Plant
 from dualscale.sim.scenario import Truth
 
 
 class GroundTruth:
     """Turns one instance's model grid (time and power on every clock) into the truth's.
+
+    The simulator runs this truth compiled (:meth:`plant` hands it to the instance's stepper, which
+    draws from the same ``rng`` in the same order); :meth:`apply` and :meth:`switch_delay_s` state
+    it in NumPy, and tests/test_stepping.py checks that the two agree.
 
     Args:
         truth: the scenario's ``[truth]``.
@@ -57,3 +62,9 @@ class GroundTruth:
         if self.jitter == 0.0 or delay_s == 0.0:
             return delay_s
         return delay_s * float((1.0 + self.jitter * self.rng.uniform(-1.0, 1.0, self.tp)).max())
+
+    def plant(self) -> Plant:
+        """The same truth for the simulator's compiled iterations (which draw from the same ``rng``)."""
+        return Plant(time_factor=self.time_factor, power_factor=self.power_factor,
+                           clock_shape_error=self.shape, latency_noise=self.sigma, power_cap_w=self.cap_w,
+                           switch_jitter=self.jitter)
