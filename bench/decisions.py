@@ -37,6 +37,9 @@ import reference as ref  # noqa: E402
 
 import dualscale  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _recorded  # noqa: E402
+
 PAPER_CLOCKS = [360, 570, 780, 1080, 1380, 1680, 1830]
 SOLVERS = ("greedy", "qp", "exact")
 
@@ -137,6 +140,72 @@ def bench_prefill(args, profile, progress) -> list[dict]:
             if share:
                 row |= {"osqp_share_p50": float(np.median(share)), "osqp_iters_p50": float(np.median(iters))}
             rows.append(row)
+    return rows
+
+
+def replay(sc, profile, streams, limit: int, clocks=None) -> dict:
+    """Every recorded decision through fresh controllers of each solver (no feedback, no switch
+    charge: every solver plans the same problem). Per solver: latencies and energies; plus the
+    unbounded exact optimum and the unconstrained optimum (to tell where a deadline binds)."""
+    names = ("greedy", "qp", "exact", "oracle", "free")
+    lat = {s: [] for s in names[:3]}
+    energy = {s: [] for s in names}
+    fallbacks = 0
+    count = 0
+    for stream in streams:
+        if count >= limit:
+            break
+        kw = dict(tp=sc.prefill.tp, horizon=sc.control.horizon, max_batch_tokens=sc.prefill.max_batch_tokens,
+                  margin=sc.control.margin, kv_guard=sc.control.kv_guard, online_correction=False, clocks_mhz=clocks)
+        ctls = {s: dualscale.PrefillController(profile, ttft_slo_s=sc.slo.ttft_s, solver=s, **kw) for s in names[:3]}
+        ctls["oracle"] = dualscale.PrefillController(profile, ttft_slo_s=sc.slo.ttft_s, solver="exact",
+                                                     exact_max_labels=0, **kw)
+        ctls["free"] = dualscale.PrefillController(profile, ttft_slo_s=1e9, solver="exact", **kw)
+        clock = time.perf_counter
+        for now, arrival, prompt, done, kv in stream[: limit - count]:
+            count += 1
+            for s, ctl in ctls.items():
+                t0 = clock()
+                d = ctl.decide(now, arrival, prompt, done, kv)
+                dt = clock() - t0
+                if s in lat:
+                    lat[s].append(dt)
+                energy[s].append(d.energy_j)
+                fallbacks += s == "exact" and d.fallback
+    return {"lat": lat, "energy": {s: np.asarray(e) for s, e in energy.items()}, "fallbacks": fallbacks, "n": count}
+
+
+def bench_recorded(args, profile, progress) -> list[dict]:
+    suites = list(_recorded.SUITES)
+    clock_sets = {"full": None, "paper7": PAPER_CLOCKS}
+    task = progress.add_task("recorded suites", total=len(suites) * len(clock_sets))
+    rows = []
+    for suite in suites:
+        sc, streams = _recorded.load(suite, args.record_s)
+        for cname, clocks in clock_sets.items():
+            r = replay(sc, profile, streams, args.recorded_limit, clocks)
+            e = r["energy"]
+            binding = e["oracle"] > e["free"] * (1 + 1e-9)
+            for s in ("greedy", "qp", "exact"):
+                gap = e[s][binding] / e["oracle"][binding] - 1.0
+                row = {"phase": "prefill-recorded", "suite": suite, "clocks": cname, "solver": s, "decisions": r["n"],
+                       "binding": int(binding.sum()), **percentiles_us(r["lat"][s])}
+                if gap.size:
+                    row |= {"gap_within_0.1pct": float(np.mean(gap <= 1e-3)), "gap_within_1pct": float(np.mean(gap <= 1e-2)),
+                            "gap_mean": float(gap.mean()), "gap_max": float(gap.max())}
+                if s == "exact":
+                    row["fallback_rate"] = r["fallbacks"] / r["n"]
+                rows.append(row)
+            progress.advance(task)
+    return rows
+
+
+def bench_closed_loop(args) -> list[dict]:
+    """Prefill energy of whole simulated runs with qp vs exact as the prefill solver (default scenario)."""
+    rows = []
+    for s in ("qp", "exact"):
+        summary, _ = _recorded.simulate("default", args.record_s, solver=s)
+        rows.append({"solver": s, "prefill_energy_j": summary.energy_j.prefill, "slo_met": summary.slo.met})
     return rows
 
 
