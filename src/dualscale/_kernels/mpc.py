@@ -739,13 +739,7 @@ def round_repair_improve(tables, budget_s, n_batches, order, n_front, u, plan, w
     return energy
 
 
-#: ``osqp`` tuple of :func:`solve_qp`: C functions (dualscale.control._osqp_c builds it)
-OSQP_UPDATE_VEC = 0
-OSQP_UPDATE_MAT = 1
-OSQP_WARM_START = 2
-OSQP_SOLVE = 3
-OSQP_MEMCPY = 4
-#: ``osqp_at`` (int64) of :func:`solve_qp`: addresses of the solver, its solution x and y, and of
+#: ``at`` (int64) of ``dualscale._kernels.osqp_c.solve_qp``: addresses of the solver, its solution x and y, and of
 #: its info's status and iteration count (0 for the solver: OSQP not used, the relaxation only)
 A_SOLVER = 0
 A_X = 1
@@ -769,38 +763,6 @@ WINDOW = 2
 WINDOW_LABELS = 48
 #: OSQP's stand-in for infinity (``OSQP_INFTY`` of a double-precision build)
 OSQP_INFTY = 1e30
-
-
-@njit(cache=CACHE, fastmath=FASTMATH)
-def osqp_step(osqp, at, px, q, ax, upper, xw, yw, x, y, stats):
-    """One OSQP update (P, q, A, upper bounds), warm start from ``xw``/``yw`` and solve, through
-    the C API; the solution lands in ``x``/``y`` and the status and iterations in ``stats``.
-    ``upper`` is clipped to OSQP's infinity in place. Returns True when every call succeeded."""
-    upd_vec = osqp[OSQP_UPDATE_VEC]
-    upd_mat = osqp[OSQP_UPDATE_MAT]
-    warm = osqp[OSQP_WARM_START]
-    solve = osqp[OSQP_SOLVE]
-    memcpy = osqp[OSQP_MEMCPY]
-    h = at[A_SOLVER]
-    for i in range(upper.shape[0]):
-        if upper[i] > OSQP_INFTY:
-            upper[i] = OSQP_INFTY
-    rc = upd_vec(h, q.ctypes.data, 0, upper.ctypes.data)
-    rc |= upd_mat(h, px.ctypes.data, 0, 0, ax.ctypes.data, 0, 0)
-    rc |= warm(h, xw.ctypes.data, yw.ctypes.data)
-    rc |= solve(h)
-    if rc != 0:
-        stats[ST_STATUS] = -1
-        return False
-    k = x.shape[0]
-    memcpy(x.ctypes.data, at[A_X], 8 * k)
-    memcpy(y.ctypes.data, at[A_Y], 16 * k)
-    i4 = np.zeros(2, dtype=np.int32)
-    memcpy(i4.ctypes.data, at[A_STATUS], 4)
-    memcpy(i4.ctypes.data + 4, at[A_ITER], 4)
-    stats[ST_STATUS] = i4[0]
-    stats[ST_ITER] = i4[1]
-    return True
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
@@ -906,33 +868,6 @@ def qp_finish(tables, budget_s, n_batches, order, n_front, hpos, n_hull, plan, e
         for k in range(n_batches):
             plan[k] = alt[k]
     return energy
-
-
-@njit(cache=CACHE, fastmath=FASTMATH)
-def solve_qp(tables, budget_s, n_batches, order, n_front, hpos, n_hull, plan, fw, iw, osqp, at, stats):
-    """The ``qp`` solver's whole plan, in one call. Returns the plan's energy.
-
-    1. Efficient clocks; every batch at its cheapest when that fits (optimal, done).
-    2. Each batch's convex hull; the continuous relaxation solved exactly on it (water-filling),
-       rounded toward faster, repaired and improved (:func:`round_repair_improve`).
-    3. The condensed QP (hull-fitted, :func:`qp_data`) warm-started from the relaxation's optimum
-       and the previous duals, solved by OSQP through its C API (skipped when ``at[A_SOLVER]`` is 0).
-    4. The QP's solution rounded, repaired and improved too; the better plan is the incumbent of an
-       exact search within ``WINDOW`` efficient positions of it (:func:`solve_window`), whose
-       result replaces it when found within the label cap.
-
-    ``fw``/``iw``: workspaces of ``qp_workspace`` sizes (views: :func:`qp_slices`).
-    """
-    energy, done = qp_prepare(tables, budget_s, n_batches, order, n_front, hpos, n_hull, plan, fw, iw, stats)
-    if done:
-        return energy
-    solved = False
-    if at[A_SOLVER] != 0:
-        qp_vec, px, ax, x, xw, u, y, yw, work, wf, alt, cand, n_cand, wi = qp_slices(fw, iw, plan.shape[0],
-                                                                              tables.shape[2])
-        upper = qp_vec[1:3].reshape(-1)
-        solved = osqp_step(osqp, at, px, qp_vec[0], ax, upper, xw, yw, x, y, stats)
-    return qp_finish(tables, budget_s, n_batches, order, n_front, hpos, n_hull, plan, energy, solved, fw, iw, stats)
 
 
 def qp_workspace(horizon: int, n_clocks: int) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import osqp
 
-from dualscale._kernels import mpc
+from dualscale._kernels import mpc, osqp_c
 
 I = ctypes.c_int32  # OSQPInt of the wheel's build (checked through the defaults below)
 F = ctypes.c_double
@@ -79,11 +79,10 @@ def _fn(lib: ctypes.CDLL, name: str, restype, *argtypes):  # type: ignore[no-unt
 
 
 class CSolver:
-    """One OSQP solver created through the C API; ``fns`` and ``at`` are what the kernels take."""
+    """One OSQP solver created through the C API; ``at`` (addresses) is what the kernels take."""
 
-    def __init__(self, lib: ctypes.CDLL, handle: int, fns: tuple, at: np.ndarray) -> None:
+    def __init__(self, lib: ctypes.CDLL, handle: int, at: np.ndarray) -> None:
         self.lib = lib
-        self.fns = fns
         self.at = at
         cleanup = _fn(lib, "osqp_cleanup", I, U64)
         self._finalizer = weakref.finalize(self, cleanup, handle)
@@ -152,12 +151,12 @@ def open_solver(horizon: int, settings: object, known_answer: float = 1.5) -> tu
         at[mpc.A_Y] = sol[1]
         at[mpc.A_STATUS] = ptrs[2] + INFO_STATUS_VAL
         at[mpc.A_ITER] = ptrs[2] + INFO_ITER
-        fns = (_fn(lib, "osqp_update_data_vec", I, U64, U64, U64, U64),
-               _fn(lib, "osqp_update_data_mat", I, U64, U64, U64, I, U64, U64, I),
-               _fn(lib, "osqp_warm_start", I, U64, U64, U64),
-               _fn(lib, "osqp_solve", I, U64),
-               _fn(ctypes.CDLL(None), "memcpy", U64, U64, U64, U64))
-        out = CSolver(lib, handle, fns, at)
+        osqp_c.bind({"osqp_update_data_vec": _fn(lib, "osqp_update_data_vec", I, U64, U64, U64, U64),
+                     "osqp_update_data_mat": _fn(lib, "osqp_update_data_mat", I, U64, U64, U64, I, U64, U64, I),
+                     "osqp_warm_start": _fn(lib, "osqp_warm_start", I, U64, U64, U64),
+                     "osqp_solve": _fn(lib, "osqp_solve", I, U64),
+                     "memcpy": _fn(ctypes.CDLL(None), "memcpy", U64, U64, U64, U64)})
+        out = CSolver(lib, handle, at)
         reason = _self_test(out, horizon, known_answer)
         if reason:
             out.close()
@@ -180,7 +179,7 @@ def _self_test(c: CSolver, horizon: int, known_answer: float) -> str:
     x = np.empty(k)
     y = np.empty(2 * k)
     stats = np.zeros(mpc.N_STATS, dtype=np.int64)
-    ok = mpc.osqp_step(c.fns, c.at, px, q, ax, upper, np.ones(k), np.zeros(2 * k), x, y, stats)
+    ok = osqp_c.osqp_step(c.at, px, q, ax, upper, np.ones(k), np.zeros(2 * k), x, y, stats)
     if not ok:
         return "self-test: an OSQP C call returned an error"
     if stats[mpc.ST_STATUS] != OSQP_SOLVED:
@@ -193,7 +192,7 @@ def _self_test(c: CSolver, horizon: int, known_answer: float) -> str:
     if not np.allclose(y, 0.0, atol=1e-2):
         return f"self-test: multipliers {y.tolist()} instead of 0"
     # a second solve must not depend on the first (warm start from a different point)
-    ok = mpc.osqp_step(c.fns, c.at, px, q, ax, upper, np.full(k, 2.5), np.zeros(2 * k), x, y, stats)
+    ok = osqp_c.osqp_step(c.at, px, q, ax, upper, np.full(k, 2.5), np.zeros(2 * k), x, y, stats)
     if not ok or not np.allclose(x, known_answer, atol=1e-2):
         return "self-test: a second solve disagreed"
     return ""

@@ -35,7 +35,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from dualscale import _validate as v
-from dualscale._kernels import mpc
+from dualscale._kernels import mpc, osqp_c
 from dualscale._kernels import perf_model as pm
 from dualscale.control._clocks import resolve_clocks
 from dualscale.control.correction import Z, Learner
@@ -363,8 +363,8 @@ class PrefillController(Learner):
         assert self._qp is not None
         c = self._qp.c_api
         if c is not None:
-            energy = mpc.solve_qp(t, b, n, self._order, self._n_front, self._hpos, self._n_hull, plan, self._fw,
-                                  self._iw, c.fns, c.at, self._stats)
+            energy = osqp_c.solve_qp(t, b, n, self._order, self._n_front, self._hpos, self._n_hull, plan, self._fw,
+                                     self._iw, c.at, self._stats)
             self._qp_ran = self._stats[mpc.ST_SOURCE] != mpc.SOURCE_CHEAPEST
             return energy
         # fallback: the compiled steps around OSQP's Python binding
