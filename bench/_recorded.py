@@ -85,9 +85,9 @@ def load(suite: str, duration_s: float) -> tuple[Scenario, list[list]]:
         for s in range(int(z["n_streams"])):
             pre = f"s{s}_"
             off = z[pre + "offsets"]
-            streams.append([(float(z[pre + "now"][i]), z[pre + "arrival"][off[i]:off[i + 1]],
-                             z[pre + "prompt"][off[i]:off[i + 1]], z[pre + "done"][off[i]:off[i + 1]],
-                             float(z[pre + "kv"][i])) for i in range(off.size - 1)])
+            now, kv, arr, prompt, done = (z[pre + key] for key in ("now", "kv", "arrival", "prompt", "done"))
+            streams.append([(float(now[i]), arr[off[i]:off[i + 1]], prompt[off[i]:off[i + 1]],
+                             done[off[i]:off[i + 1]], float(kv[i])) for i in range(off.size - 1)])
         return sc, streams
     _, streams = simulate(suite, duration_s, tap=True)
     arrays: dict[str, np.ndarray] = {"n_streams": np.array(len(streams))}
