@@ -748,7 +748,7 @@ A_STATUS = 3
 A_ITER = 4
 N_ADDR = 5
 #: ``stats`` (int64) of :func:`solve_qp`: OSQP's status value (0: not run, -1: C call failed),
-#: its iterations, and the plan's source (S_* below)
+#: its iterations, and the plan's source (SOURCE_* below)
 ST_STATUS = 0
 ST_ITER = 1
 ST_SOURCE = 2
@@ -768,7 +768,7 @@ OSQP_INFTY = 1e30
 @njit(cache=CACHE, fastmath=FASTMATH)
 def qp_slices(fw, iw, horizon, n_clocks):
     """Views of :func:`solve_qp`'s workspaces: (qp_vec (4, K), px, ax, x, xw, u, y, yw, work, wf,
-    alt, lo, hi, wi). ``x``/``y`` keep OSQP's last solution between decisions (the next warm start)."""
+    alt, cand (K, F), n_cand, wi). ``x``/``y`` keep OSQP's last solution between decisions (the next warm start)."""
     nnz = horizon * (horizon + 1) // 2 + horizon
     o = 0
     qp_vec = fw[o:o + 4 * horizon].reshape((4, horizon))
