@@ -199,7 +199,8 @@ class PrefillController(Learner):
         if not self._qp_ran:
             return None
         st = int(self._stats[mpc.ST_STATUS])
-        status = {1: QpStatus.SOLVED, 2: QpStatus.INACCURATE}.get(st, QpStatus.MAX_ITER if st > 0 else QpStatus.FAILED)
+        # OSQP's status values (osqp_api_constants.h): 1 solved, 2 solved inaccurate, 7 max iterations
+        status = {1: QpStatus.SOLVED, 2: QpStatus.INACCURATE, 7: QpStatus.MAX_ITER}.get(st, QpStatus.FAILED)
         return QpResult(x=self._x.copy(), y=self._y.copy(), status=status,
                         iterations=int(self._stats[mpc.ST_ITER]), solve_time_s=self.last_osqp_s)
 
