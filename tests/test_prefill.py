@@ -290,3 +290,16 @@ def test_the_plan_charges_the_clock_switch(profile):
     third = ctl.decide(now + 2.0, [now + 1.9], [800])
     k = int(np.searchsorted(profile.clocks_mhz, third.freq_mhz))
     assert third.batch_time_s == pytest.approx(d + (1 - d / t2[0]) * t2[k], rel=1e-12)
+
+
+@pytest.mark.parametrize("horizon", [1, 8, 16, 24])
+def test_osqp_c_api_passes_its_self_test_at_every_horizon(horizon):
+    """The self-test must not fail on a sound library (it once did at K >= 16: its problem needs
+    more iterations than the controller's limit, so the test runs to OSQP's default limit)."""
+    import ctypes
+
+    s = qp_module.QpSolver(horizon)
+    assert s.open_c_api(), s.c_api_fallback
+    # the controller's iteration limit is back in OSQP's copy of the settings (OSQPSolver.settings)
+    settings_at = ctypes.c_uint64.from_address(int(s.c_api.at[0])).value
+    assert _osqp_c.Settings.from_address(settings_at).max_iter == s.settings.max_iter

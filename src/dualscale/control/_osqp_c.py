@@ -157,7 +157,15 @@ def open_solver(horizon: int, settings: object, known_answer: float = 1.5) -> tu
                      "osqp_solve": _fn(lib, "osqp_solve", I, U64),
                      "memcpy": _fn(ctypes.CDLL(None), "memcpy", U64, U64, U64, U64)})
         out = CSolver(lib, handle, at)
-        reason = _self_test(out, horizon, known_answer)
+        # the self-test solves to OSQP's default iteration limit (the controller's 50 is too few for
+        # its test problem at long horizons), then the controller's settings are restored
+        update = _fn(lib, "osqp_update_settings", I, U64, ctypes.c_void_p)
+        test = Settings.from_buffer_copy(s)
+        test.max_iter = DEFAULTS["max_iter"]
+        rc = update(handle, ctypes.byref(test))
+        reason = _self_test(out, horizon, known_answer) if rc == 0 else f"osqp_update_settings returned {rc}"
+        if not reason and update(handle, ctypes.byref(s)) != 0:
+            reason = "osqp_update_settings failed restoring the settings"
         if reason:
             out.close()
             return None, reason
