@@ -131,7 +131,8 @@ def greedy(times, energies, budget_s):
 
 
 def qp_fit(times, energies, front, scale):
-    """(a, b, umax) of batch energy / scale ~ a u^2 + b u over the efficient clocks, u = t / t_fast."""
+    """(a, b, umax) of batch energy / scale ~ a u^2 + b u over the clocks ``front`` (the hull's
+    vertices), u = t / t_fast."""
     u = times[front] / times[front[0]]
     e = energies[front] / scale
     if len(front) < 2 or u.max() - 1.0 < mpc.MIN_SPREAD:
@@ -144,6 +145,65 @@ def qp_fit(times, energies, front, scale):
         b, _ = np.linalg.lstsq(np.vander(u, 2), e, rcond=None)[0]
         return 0.0, b, u.max()
     return 0.0, 0.0, 1.0
+
+
+def hull(times, energies, front):
+    """Positions (into ``front``) of the lower convex hull of the efficient points, fastest first:
+    a point is kept when it lies strictly below the chord between its kept neighbours."""
+    pts = [(times[j], energies[j]) for j in front]
+    keep = []
+    for q, (t, e) in enumerate(pts):
+        while len(keep) >= 2:
+            (ta, ea), (tb, eb) = pts[keep[-2]], pts[keep[-1]]
+            chord_at_b = ea + (e - ea) * (tb - ta) / (t - ta)
+            if eb >= chord_at_b:
+                keep.pop()
+            else:
+                break
+        keep.append(q)
+    return keep
+
+
+def relaxation(times, energies, budget_s, fronts):
+    """Least energy of the continuous relaxation (each batch anywhere on the piecewise-linear hull
+    of its efficient points), as a linear program over hull segments solved by scipy (HiGHS)."""
+    from scipy.optimize import linprog
+
+    n = len(fronts)
+    t0 = np.array([times[k, fr[0]] for k, fr in enumerate(fronts)])
+    e0 = sum(energies[k, fr[0]] for k, fr in enumerate(fronts))
+    cost, bounds, owner = [], [], []
+    for k, fr in enumerate(fronts):
+        h = [fr[q] for q in hull(times[k], energies[k], fr)]
+        for a, b in zip(h, h[1:]):
+            dt = times[k, b] - times[k, a]
+            cost.append(-(energies[k, a] - energies[k, b]) / dt)
+            bounds.append((0.0, dt))
+            owner.append(k)
+    if not cost:
+        return e0
+    rows, rhs = [], []
+    for b in range(n):
+        if np.isfinite(budget_s[b]):
+            rows.append([1.0 if owner[s] <= b else 0.0 for s in range(len(cost))])
+            rhs.append(budget_s[b] + TOL_S - t0[: b + 1].sum())
+    res = linprog(cost, A_ub=np.array(rows) if rows else None, b_ub=np.array(rhs) if rows else None,
+                  bounds=bounds, method="highs")
+    assert res.status == 0, res.message
+    return e0 + res.fun
+
+
+def window(times, energies, budget_s, cands, upper_j):
+    """Least energy over plans with batch k's clock in ``cands[k]`` (clock columns), below
+    ``upper_j`` (1e-12 relative slack); (energy, plan) or (inf, None)."""
+    import itertools
+
+    best, best_plan = np.inf, None
+    for plan in itertools.product(*cands):
+        e, ok = plan_cost(times, energies, budget_s, plan)
+        if ok and e <= upper_j * (1 + 1e-12) and e < best:
+            best, best_plan = e, list(plan)
+    return best, best_plan
 
 
 def round_repair_improve(times, energies, budget_s, fronts, u):

@@ -140,11 +140,126 @@ def test_plan_cost_and_cheapest_plan_match_twin(p):
         assert energy == pytest.approx(ref.brute_force(tables[0], tables[1], budget), rel=1e-12)
 
 
+def _hull(tables, n, order, n_front):
+    hpos = np.zeros((n, tables.shape[2]), dtype=np.int64)
+    n_hull = np.zeros(n, dtype=np.int64)
+    mpc.hull(tables, n, order, n_front, hpos, n_hull)
+    return hpos, n_hull
+
+
+@given(problems(max_batches=4, max_clocks=8))
+def test_hull_matches_twin(p):
+    tables, _ = p
+    n = tables.shape[1]
+    order, n_front = _front(tables, n)
+    hpos, n_hull = _hull(tables, n, order, n_front)
+    for k in range(n):
+        front = order[k, : n_front[k]].tolist()
+        assert hpos[k, : n_hull[k]].tolist() == ref.hull(tables[0, k], tables[1, k], front)
+
+
+@given(problems(max_batches=5, max_clocks=8))
+def test_water_fill_solves_the_relaxation(p):
+    """Its energy is the LP optimum over hull segments (scipy), its slowdowns meet every budget
+    and cost that energy on the hull, and no plan is below it."""
+    tables, budget = p
+    n = tables.shape[1]
+    order, n_front = _front(tables, n)
+    hpos, n_hull = _hull(tables, n, order, n_front)
+    u = np.empty(n)
+    energy = mpc.water_fill(tables, budget, n, order, hpos, n_hull, u, np.empty(2 * n + 3 * n * tables.shape[2]))
+    fronts = [order[k, : n_front[k]].tolist() for k in range(n)]
+    assert energy == pytest.approx(ref.relaxation(tables[0], tables[1], budget, fronts), rel=1e-9, abs=1e-9)
+    t = np.array([tables[0, k, order[k, 0]] * u[k] for k in range(n)])
+    assert np.all(np.cumsum(t) <= budget + 1e-9 * (1 + np.cumsum(t)))
+    on_hull = 0.0
+    for k in range(n):
+        hx = [tables[0, k, order[k, q]] for q in hpos[k, : n_hull[k]]]
+        hy = [tables[1, k, order[k, q]] for q in hpos[k, : n_hull[k]]]
+        assert hx[0] * (1 - 1e-12) <= t[k] <= hx[-1] * (1 + 1e-12)
+        on_hull += np.interp(t[k], hx, hy)
+    assert on_hull == pytest.approx(energy, rel=1e-9)
+    assert energy <= ref.brute_force(tables[0], tables[1], budget) * (1 + 1e-9)
+
+
+@given(problems(max_batches=4, max_clocks=6), st.data())
+def test_solve_window_matches_brute_force(p, data):
+    tables, budget = p
+    n, n_clocks = tables.shape[1], tables.shape[2]
+    order, n_front = _front(tables, n)
+    cand = np.zeros((n, n_clocks), dtype=np.int64)
+    n_cand = np.zeros(n, dtype=np.int64)
+    for k in range(n):
+        # any subset of positions that keeps the fastest (so a feasible plan stays possible)
+        keep = [0] + [q for q in range(1, n_front[k]) if data.draw(st.booleans())]
+        cand[k, : len(keep)] = keep
+        n_cand[k] = len(keep)
+    cols = [[int(order[k, q]) for q in cand[k, : n_cand[k]]] for k in range(n)]
+    best, best_plan = ref.window(tables[0], tables[1], budget, cols, np.inf)
+    cap = data.draw(st.sampled_from([1, 2, 64]))
+    upper = data.draw(st.sampled_from([np.inf, best, best * 0.9]))
+    wf, wi = mpc.window_workspace(n, n_clocks, cap)
+    plan = np.full(n, -1, dtype=np.int64)
+    energy, status = mpc.solve_window(tables, budget, n, order, cand, n_cand, plan, upper, cap, np.zeros(wf),
+                                      np.zeros(wi, dtype=np.int64))
+    if status == 0:
+        assert energy == pytest.approx(best, rel=1e-12)
+        assert mpc.plan_cost(tables, budget, n, plan) == (pytest.approx(best, rel=1e-12), True)
+        assert all(plan[k] in cols[k] for k in range(n))
+    elif status == 2:  # nothing at or below the bound
+        assert best > upper * (1 + 1e-12) or upper == best * 0.9
+        assert np.all(plan == -1)
+    else:  # the cap: only a small one can be reached on these sizes
+        assert status == 1 and cap < 64 and np.all(plan == -1)
+    if cap == 64 and upper == np.inf:
+        assert status == 0
+
+
+@pytest.fixture(scope="module")
+def c_api():
+    from dualscale.control import _osqp_c
+    from dualscale.control.qp import QpSettings
+
+    solvers = {}
+
+    def get(horizon):
+        if horizon not in solvers:
+            s, reason = _osqp_c.open_solver(horizon, QpSettings())
+            assert s is not None, reason
+            solvers[horizon] = s
+        return solvers[horizon]
+    return get
+
+
+@given(problems(max_batches=5, max_clocks=8))
+def test_solve_qp_is_feasible_and_near_brute_force(c_api, p):
+    """The whole compiled qp plan (relaxation, OSQP through its C API, rounding, search): feasible,
+    and never below the optimum; on these small instances the search makes it the optimum."""
+    from dualscale._kernels import osqp_c
+
+    tables, budget = p
+    n, n_clocks = tables.shape[1], tables.shape[2]
+    order = np.zeros((n, n_clocks), dtype=np.int64)
+    n_front = np.zeros(n, dtype=np.int64)
+    hpos, n_hull = np.zeros((n, n_clocks), dtype=np.int64), np.zeros(n, dtype=np.int64)
+    n_fw, n_iw = mpc.qp_workspace(n, n_clocks)
+    plan = np.empty(n, dtype=np.int64)
+    stats = np.zeros(mpc.N_STATS, dtype=np.int64)
+    energy = osqp_c.solve_qp(tables, budget, n, order, n_front, hpos, n_hull, plan, np.zeros(n_fw),
+                             np.zeros(n_iw, dtype=np.int64), c_api(n).at, stats)
+    cost, ok = mpc.plan_cost(tables, budget, n, plan)
+    assert ok and cost == pytest.approx(energy, rel=1e-12)
+    best = ref.brute_force(tables[0], tables[1], budget)
+    assert energy >= best * (1 - 1e-12)
+    assert energy == pytest.approx(best, rel=1e-9)
+
+
 @given(problems(max_batches=5, max_clocks=6), st.integers(6, 8))
 def test_qp_data_matches_numpy_fit(p, horizon):
     tables, budget = p
     n = tables.shape[1]
     order, n_front = _front(tables, n)
+    hpos, n_hull = _hull(tables, n, order, n_front)
     full = np.zeros((2, horizon, tables.shape[2]))
     full[:, :n] = tables
     b = np.full(horizon, np.inf)
@@ -154,12 +269,14 @@ def test_qp_data_matches_numpy_fit(p, horizon):
     ax = np.empty(horizon * (horizon + 1) // 2 + horizon)
     order_h = np.zeros((horizon, tables.shape[2]), dtype=np.int64)
     order_h[:n] = order
-    nf_h = np.zeros(horizon, dtype=np.int64)
-    nf_h[:n] = n_front
-    mpc.qp_data(full, b, n, order_h, nf_h, qp_vec, px, ax)
+    hpos_h = np.zeros((horizon, tables.shape[2]), dtype=np.int64)
+    hpos_h[:n] = hpos
+    nh_h = np.zeros(horizon, dtype=np.int64)
+    nh_h[:n] = n_hull
+    mpc.qp_data(full, b, n, order_h, hpos_h, nh_h, qp_vec, px, ax)
     scale = sum(tables[1, k, order[k, 0]] for k in range(n))
     for k in range(n):
-        a, lin, umax = ref.qp_fit(tables[0, k], tables[1, k], order[k, : n_front[k]], scale)
+        a, lin, umax = ref.qp_fit(tables[0, k], tables[1, k], order[k, hpos[k, : n_hull[k]]], scale)
         assert px[k] / 2 == pytest.approx(a, rel=1e-6, abs=1e-9)
         assert qp_vec[0, k] == pytest.approx(lin, rel=1e-6, abs=1e-9)
         assert qp_vec[2, k] == pytest.approx(umax, rel=1e-12)

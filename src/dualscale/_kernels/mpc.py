@@ -296,6 +296,196 @@ def solve_exact(tables, budget_s, n_batches, order, n_front, plan, upper_j):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
+def solve_window(tables, budget_s, n_batches, order, cand, n_cand, plan, upper_j, max_labels, ws_f, ws_i):
+    """Least-energy feasible plan with batch k's clock among its efficient positions
+    ``cand[k, :n_cand[k]]`` (ascending): :func:`solve_exact`'s Pareto program on preallocated
+    workspaces, with at most ``max_labels`` partial plans kept after any batch.
+
+    Returns (energy, status): status 0 = optimal within the windows (``plan`` written); 1 = the
+    cap was reached, 2 = no plan cheaper than ``upper_j`` exists in the windows; on 1 and 2
+    energy is inf and ``plan`` is untouched (the caller keeps its incumbent). ``ws_f`` (float64)
+    and ``ws_i`` (int64) hold at least ``window_workspace(horizon, n_clocks, max_labels)`` entries.
+    """
+    if n_batches == 0:
+        return 0.0, 0
+    width = 1
+    for k in range(n_batches):
+        width = max(width, n_cand[k])
+    n_cand_max = max_labels * width
+    # float workspace: rest_e, rest_t (K each), cur_t, cur_e (cap each), cand_t, cand_e
+    horizon = plan.shape[0]
+    rest_e = ws_f[0:horizon]
+    rest_t = ws_f[horizon:2 * horizon]
+    cur_t = ws_f[2 * horizon:2 * horizon + max_labels]
+    cur_e = ws_f[2 * horizon + max_labels:2 * horizon + 2 * max_labels]
+    o = 2 * horizon + 2 * max_labels
+    cand_t = ws_f[o:o + n_cand_max]
+    cand_e = ws_f[o + n_cand_max:o + 2 * n_cand_max]
+    # int workspace: cand parent, cand choice, sort order, then choices and parents (K x cap)
+    cand_p = ws_i[0:n_cand_max]
+    cand_c = ws_i[n_cand_max:2 * n_cand_max]
+    idx = ws_i[2 * n_cand_max:3 * n_cand_max]
+    o = 3 * n_cand_max
+    choices = ws_i[o:o + horizon * max_labels]
+    parents = ws_i[o + horizon * max_labels:o + 2 * horizon * max_labels]
+    rest_e[n_batches - 1] = 0.0
+    rest_t[n_batches - 1] = np.inf
+    for k in range(n_batches - 2, -1, -1):
+        # positions ascend: the last candidate is the cheapest, the first the fastest
+        rest_e[k] = rest_e[k + 1] + tables[TB_ENERGY_J, k + 1, order[k + 1, cand[k + 1, n_cand[k + 1] - 1]]]
+        rest_t[k] = min(budget_s[k + 1] + TOL_S, rest_t[k + 1]) - tables[TB_TIME_S, k + 1, order[k + 1, cand[k + 1, 0]]]
+    cap = upper_j * (1.0 + 1e-12)
+    cur_t[0] = 0.0
+    cur_e[0] = 0.0
+    n_lab = 1
+    for k in range(n_batches):
+        lim = min(budget_s[k] + TOL_S, rest_t[k])
+        m = 0
+        for lab in range(n_lab):
+            for c in range(n_cand[k]):
+                j = order[k, cand[k, c]]
+                t = cur_t[lab] + tables[TB_TIME_S, k, j]
+                e = cur_e[lab] + tables[TB_ENERGY_J, k, j]
+                if t <= lim and e + rest_e[k] <= cap:
+                    cand_t[m] = t
+                    cand_e[m] = e
+                    cand_p[m] = lab
+                    cand_c[m] = j
+                    m += 1
+        # insertion sort by time (stable; the lists are short and mostly sorted already)
+        for a in range(m):
+            idx[a] = a
+        for a in range(1, m):
+            v = idx[a]
+            b = a - 1
+            while b >= 0 and cand_t[idx[b]] > cand_t[v]:
+                idx[b + 1] = idx[b]
+                b -= 1
+            idx[b + 1] = v
+        n_keep = 0
+        best = np.inf
+        base = k * max_labels
+        for a in range(m):
+            s = idx[a]
+            if cand_e[s] < best:
+                if n_keep == max_labels:
+                    return np.inf, 1
+                best = cand_e[s]
+                choices[base + n_keep] = cand_c[s]
+                parents[base + n_keep] = cand_p[s]
+                # cand_* are read by index above, so the new labels go to cur_* only after the pass
+                idx[n_keep] = s
+                n_keep += 1
+        if n_keep == 0:
+            return np.inf, 2
+        for a in range(n_keep):
+            s = idx[a]
+            cur_t[a] = cand_t[s]
+            cur_e[a] = cand_e[s]
+        n_lab = n_keep
+    lab = n_lab - 1
+    energy = cur_e[lab]
+    for k in range(n_batches - 1, -1, -1):
+        plan[k] = choices[k * max_labels + lab]
+        lab = parents[k * max_labels + lab]
+    return energy, 0
+
+
+def window_workspace(horizon: int, n_clocks: int, max_labels: int) -> tuple[int, int]:
+    """Sizes of :func:`solve_window`'s float and int workspaces."""
+    n_cand = max_labels * n_clocks
+    return 2 * horizon + 2 * max_labels + 2 * n_cand, 3 * n_cand + 2 * horizon * max_labels
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def hull(tables, n_batches, order, n_front, hpos, n_hull):
+    """Each batch's lower convex hull of its efficient (time, energy) points: ``hpos[k, :n_hull[k]]``
+    are positions into ``order[k]``, fastest first (energy per second saved strictly falls along it)."""
+    for k in range(n_batches):
+        m = 0
+        for q in range(n_front[k]):
+            j = order[k, q]
+            t = tables[TB_TIME_S, k, j]
+            e = tables[TB_ENERGY_J, k, j]
+            while m >= 2:
+                ja = order[k, hpos[k, m - 2]]
+                jb = order[k, hpos[k, m - 1]]
+                ta = tables[TB_TIME_S, k, ja]
+                ea = tables[TB_ENERGY_J, k, ja]
+                # drop the last vertex unless it lies strictly below the chord from the one before to q
+                if (tables[TB_ENERGY_J, k, jb] - ea) * (t - ta) >= (e - ea) * (tables[TB_TIME_S, k, jb] - ta):
+                    m -= 1
+                else:
+                    break
+            hpos[k, m] = q
+            m += 1
+        n_hull[k] = m
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def water_fill(tables, budget_s, n_batches, order, hpos, n_hull, u, work):
+    """Exact optimum of the continuous relaxation (each batch's energy the piecewise-linear hull
+    through its efficient points, time anywhere between its fastest and slowest), in slowdowns
+    ``u`` (K,); returns its energy, a lower bound on every plan's.
+
+    The extra time each batch takes is bounded by nested prefix budgets (a laminar family, so a
+    polymatroid), and every hull segment saves energy at a fixed rate, falling along the hull: so
+    taking segments greedily by rate, each as far as the tightest later budget allows, is optimal.
+    ``work`` (2K + 3 K F,) float64 is scratch.
+    """
+    horizon = u.shape[0]
+    slack = work[0:horizon]
+    extra = work[horizon:2 * horizon]
+    n_seg_max = (work.shape[0] - 2 * horizon) // 3
+    rate = work[2 * horizon:2 * horizon + n_seg_max]
+    seg_len = work[2 * horizon + n_seg_max:2 * horizon + 2 * n_seg_max]
+    seg_k = work[2 * horizon + 2 * n_seg_max:2 * horizon + 3 * n_seg_max]
+    cum = 0.0
+    energy = 0.0
+    n_seg = 0
+    for k in range(n_batches):
+        j0 = order[k, 0]
+        cum += tables[TB_TIME_S, k, j0]
+        slack[k] = budget_s[k] + TOL_S - cum
+        extra[k] = 0.0
+        energy += tables[TB_ENERGY_J, k, j0]
+        for h in range(n_hull[k] - 1):
+            ja = order[k, hpos[k, h]]
+            jb = order[k, hpos[k, h + 1]]
+            dt = tables[TB_TIME_S, k, jb] - tables[TB_TIME_S, k, ja]
+            rate[n_seg] = (tables[TB_ENERGY_J, k, ja] - tables[TB_ENERGY_J, k, jb]) / dt
+            seg_len[n_seg] = dt
+            seg_k[n_seg] = k
+            n_seg += 1
+    # slack[k] <- least slack over batches k.. (what batch k may still grow by)
+    for k in range(n_batches - 2, -1, -1):
+        if slack[k + 1] < slack[k]:
+            slack[k] = slack[k + 1]
+    by_rate = np.argsort(-rate[:n_seg], kind="mergesort")
+    for a in range(n_seg):
+        s = by_rate[a]
+        k = int(seg_k[s])
+        d = min(seg_len[s], slack[k])
+        if d <= 0.0:
+            continue
+        extra[k] += d
+        energy -= rate[s] * d
+        # every budget from batch k on loses d; the suffix minimum then follows for batches before k
+        for b in range(k, n_batches):
+            slack[b] -= d
+        for b in range(k - 1, -1, -1):
+            if slack[b + 1] < slack[b]:
+                slack[b] = slack[b + 1]
+    for k in range(horizon):
+        if k < n_batches:
+            t0 = tables[TB_TIME_S, k, order[k, 0]]
+            u[k] = (t0 + extra[k]) / t0 if t0 > 0.0 else 1.0
+        else:
+            u[k] = 1.0
+    return energy
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
 def solve_greedy(tables, budget_s, n_batches, plan):
     """The paper's search: from all-top, step down one clock level at a time.
 
@@ -350,12 +540,14 @@ def solve_greedy(tables, budget_s, n_batches, plan):
 
 
 @njit(cache=CACHE, fastmath=FASTMATH)
-def qp_data(tables, budget_s, n_batches, order, n_front, qp_vec, px, ax):
+def qp_data(tables, budget_s, n_batches, order, hpos, n_hull, qp_vec, px, ax):
     """Condensed QP over per-batch slowdown u_k = time_k / fastest time_k (u_k >= 1).
 
-    Energy of batch k is fitted, over its efficient clocks, by a convex quadratic a u^2 + b u + c
-    (least squares; linear when the quadratic term would be negative) and divided by the all-fast
-    plan's energy so the objective is O(1). Fills, for a K-batch horizon (padding batches beyond
+    Energy of batch k is fitted, over the vertices of its lower convex hull (``hpos``/``n_hull``
+    from :func:`hull`: the only points a continuous relaxation can rest on, so the fit is not
+    pulled off by efficient clocks above the hull), by a convex quadratic a u^2 + b u + c (least
+    squares; linear when the quadratic term would be negative) and divided by the all-fast plan's
+    energy so the objective is O(1). Fills, for a K-batch horizon (padding batches beyond
     ``n_batches`` are pinned at u = 1 with zero time):
 
     ``qp_vec`` (4, K): rows q (linear cost), upper bound of the cumulative-time row k (the budget),
@@ -376,11 +568,11 @@ def qp_data(tables, budget_s, n_batches, order, n_front, qp_vec, px, ax):
         t0 = 0.0
         umax = 1.0
         if k < n_batches:
-            nf = n_front[k]
+            nf = n_hull[k]
             t0 = tables[TB_TIME_S, k, order[k, 0]]
             a = 0.0
             if t0 > 0.0:
-                umax = tables[TB_TIME_S, k, order[k, nf - 1]] / t0
+                umax = tables[TB_TIME_S, k, order[k, hpos[k, nf - 1]]] / t0
             spread = umax - 1.0
             if nf < 2 or t0 <= 0.0 or spread < MIN_SPREAD:
                 umax = 1.0  # one clock, or clocks too alike in time to trade: pin at the fastest
@@ -396,7 +588,7 @@ def qp_data(tables, budget_s, n_batches, order, n_front, qp_vec, px, ax):
                 r1 = 0.0
                 r2 = 0.0
                 for q in range(nf):
-                    j = order[k, q]
+                    j = order[k, hpos[k, q]]
                     z = (tables[TB_TIME_S, k, j] / t0 - 1.0) / spread
                     e = tables[TB_ENERGY_J, k, j] / scale
                     s0 += 1.0
@@ -547,6 +739,145 @@ def round_repair_improve(tables, budget_s, n_batches, order, n_front, u, plan, w
     return energy
 
 
+#: ``at`` (int64) of ``dualscale._kernels.osqp_c.solve_qp``: addresses of the solver, its solution x and y, and of
+#: its info's status and iteration count (0 for the solver: OSQP not used, the relaxation only)
+A_SOLVER = 0
+A_X = 1
+A_Y = 2
+A_STATUS = 3
+A_ITER = 4
+N_ADDR = 5
+#: ``stats`` (int64) of :func:`solve_qp`: OSQP's status value (0: not run, -1: C call failed),
+#: its iterations, and the plan's source (SOURCE_* below)
+ST_STATUS = 0
+ST_ITER = 1
+ST_SOURCE = 2
+N_STATS = 3
+SOURCE_CHEAPEST = 0
+SOURCE_QP = 1
+SOURCE_RELAXATION = 2
+SOURCE_WINDOW = 3
+#: search around the rounded plan: positions either side (besides the hull's vertices), and partial
+#: plans kept at most
+WINDOW = 2
+WINDOW_LABELS = 48
+#: OSQP's stand-in for infinity (``OSQP_INFTY`` of a double-precision build)
+OSQP_INFTY = 1e30
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def qp_slices(fw, iw, horizon, n_clocks):
+    """Views of :func:`solve_qp`'s workspaces: (qp_vec (4, K), px, ax, x, xw, u, y, yw, work, wf,
+    alt, cand (K, F), n_cand, wi). ``x``/``y`` keep OSQP's last solution between decisions (the next warm start)."""
+    nnz = horizon * (horizon + 1) // 2 + horizon
+    o = 0
+    qp_vec = fw[o:o + 4 * horizon].reshape((4, horizon))
+    o += 4 * horizon
+    px = fw[o:o + horizon]
+    o += horizon
+    ax = fw[o:o + nnz]
+    o += nnz
+    x = fw[o:o + horizon]
+    xw = fw[o + horizon:o + 2 * horizon]
+    u = fw[o + 2 * horizon:o + 3 * horizon]
+    o += 3 * horizon
+    y = fw[o:o + 2 * horizon]
+    yw = fw[o + 2 * horizon:o + 4 * horizon]
+    o += 4 * horizon
+    n_work = 2 * horizon + 3 * horizon * n_clocks
+    work = fw[o:o + n_work]
+    wf = fw[o + n_work:]
+    n_ci = horizon * n_clocks
+    return (qp_vec, px, ax, x, xw, u, y, yw, work, wf,
+            iw[0:horizon], iw[horizon:horizon + n_ci].reshape((horizon, n_clocks)),
+            iw[horizon + n_ci:2 * horizon + n_ci], iw[2 * horizon + n_ci:])
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def qp_prepare(tables, budget_s, n_batches, order, n_front, hpos, n_hull, plan, fw, iw, stats):
+    """Steps 1-3 of :func:`solve_qp` up to OSQP: returns (energy, done); when ``done`` the plan is
+    final (every batch at its cheapest clock fits). Otherwise ``plan`` holds the relaxation's
+    rounded plan and the QP's data and warm start are in the workspace."""
+    horizon = plan.shape[0]
+    stats[ST_STATUS] = 0
+    stats[ST_ITER] = 0
+    stats[ST_SOURCE] = SOURCE_CHEAPEST
+    frontier(tables, n_batches, order, n_front)
+    energy, ok = cheapest_plan(tables, budget_s, n_batches, order, n_front, plan)
+    if ok:
+        return energy, True
+    qp_vec, px, ax, x, xw, u, y, yw, work, wf, alt, cand, n_cand, wi = qp_slices(fw, iw, horizon, tables.shape[2])
+    hull(tables, n_batches, order, n_front, hpos, n_hull)
+    water_fill(tables, budget_s, n_batches, order, hpos, n_hull, u, work)
+    energy = round_repair_improve(tables, budget_s, n_batches, order, n_front, u, plan, work)
+    stats[ST_SOURCE] = SOURCE_RELAXATION
+    qp_data(tables, budget_s, n_batches, order, hpos, n_hull, qp_vec, px, ax)
+    # warm start: the relaxation's optimum, and the previous duals shifted by one batch
+    for i in range(horizon):
+        xw[i] = u[i]
+        j = min(i + 1, horizon - 1)
+        yw[i] = y[j]
+        yw[horizon + i] = y[horizon + j]
+    return energy, False
+
+
+@njit(cache=CACHE, fastmath=FASTMATH)
+def qp_finish(tables, budget_s, n_batches, order, n_front, hpos, n_hull, plan, energy, solved, fw, iw, stats):
+    """Step 4 of :func:`solve_qp`, after OSQP (``solved``: its solution is in the workspace's x/y).
+    Returns the plan's energy."""
+    horizon = plan.shape[0]
+    qp_vec, px, ax, x, xw, u, y, yw, work, wf, alt, cand, n_cand, wi = qp_slices(fw, iw, horizon, tables.shape[2])
+    finite = solved
+    for i in range(horizon):
+        if not (np.isfinite(x[i]) and np.isfinite(y[i]) and np.isfinite(y[horizon + i])):
+            finite = False
+    if finite:
+        e2 = round_repair_improve(tables, budget_s, n_batches, order, n_front, x, alt, work)
+        if e2 < energy:
+            energy = e2
+            stats[ST_SOURCE] = SOURCE_QP
+            for k in range(n_batches):
+                plan[k] = alt[k]
+    else:  # a failed solve must not seed the next one
+        for i in range(horizon):
+            x[i] = 1.0
+            y[i] = 0.0
+            y[horizon + i] = 0.0
+    # exact among the efficient positions within WINDOW of the incumbent's or of a hull vertex (a
+    # batch the relaxation left between two vertices may do better near either, when another
+    # batch gives up its slack)
+    for k in range(n_batches):
+        p = 0
+        while order[k, p] != plan[k]:
+            p += 1
+        m = 0
+        h = 0
+        for q in range(n_front[k]):
+            # the next hull vertex at or after q - WINDOW decides whether q is near one
+            while h < n_hull[k] and hpos[k, h] < q - WINDOW:
+                h += 1
+            near_hull = h < n_hull[k] and hpos[k, h] <= q + WINDOW
+            if near_hull or abs(q - p) <= WINDOW or n_hull[k] <= 2:
+                cand[k, m] = q
+                m += 1
+        n_cand[k] = m
+    e3, status = solve_window(tables, budget_s, n_batches, order, cand, n_cand, alt, energy, WINDOW_LABELS, wf, wi)
+    if status == 0 and e3 < energy:
+        energy = e3
+        stats[ST_SOURCE] = SOURCE_WINDOW
+        for k in range(n_batches):
+            plan[k] = alt[k]
+    return energy
+
+
+def qp_workspace(horizon: int, n_clocks: int) -> tuple[int, int]:
+    """Sizes of :func:`solve_qp`'s float and int workspaces."""
+    nnz = horizon * (horizon + 1) // 2 + horizon
+    wf, wi = window_workspace(horizon, n_clocks, WINDOW_LABELS)
+    return 4 * horizon + horizon + nnz + 3 * horizon + 4 * horizon + 2 * horizon + 3 * horizon * n_clocks + wf, \
+        2 * horizon + horizon * n_clocks + wi
+
+
 @njit(cache=CACHE, fastmath=FASTMATH)
 def shift_warm_start(x, y, xs, ys):
     """Previous primal ``x`` (K) and dual ``y`` (2K) shifted by one batch into ``xs``/``ys``: the
@@ -591,9 +922,21 @@ def warm_up() -> None:
     cheapest_plan(tables, budget, n, order, n_front, plan)
     solve_exact(tables, budget, n, order, n_front, plan, np.inf)
     solve_greedy(tables, budget, n, plan)
-    qp_vec = np.empty((4, horizon))
-    px = np.empty(horizon)
-    ax = np.empty(horizon * (horizon + 1) // 2 + horizon)
-    qp_data(tables, budget, n, order, n_front, qp_vec, px, ax)
+    hpos = np.zeros((horizon, n_clocks), dtype=np.int64)
+    n_hull = np.zeros(horizon, dtype=np.int64)
+    n_fw, n_iw = qp_workspace(horizon, n_clocks)
+    fw = np.zeros(n_fw)
+    iw = np.zeros(n_iw, dtype=np.int64)
+    stats = np.zeros(N_STATS, dtype=np.int64)
+    qp_slices(fw, iw, horizon, n_clocks)
+    hull(tables, n, order, n_front, hpos, n_hull)
+    water_fill(tables, budget, n, order, hpos, n_hull, np.empty(horizon), np.empty(2 * horizon + 3 * horizon * n_clocks))
+    energy, _ = qp_prepare(tables, budget, n, order, n_front, hpos, n_hull, plan, fw, iw, stats)
+    qp_finish(tables, budget, n, order, n_front, hpos, n_hull, plan, energy, False, fw, iw, stats)
+    wf, wi = window_workspace(horizon, n_clocks, 8)
+    cand = np.zeros((horizon, n_clocks), dtype=np.int64)
+    solve_window(tables, budget, n, order, cand, n_front, plan, np.inf, 8, np.zeros(wf), np.zeros(wi, dtype=np.int64))
+    qp_data(tables, budget, n, order, hpos, n_hull, np.empty((4, horizon)), np.empty(horizon),
+            np.empty(horizon * (horizon + 1) // 2 + horizon))
     round_repair_improve(tables, budget, n, order, n_front, np.ones(horizon), plan, np.empty(horizon))
     shift_warm_start(np.ones(horizon), np.zeros(2 * horizon), np.empty(horizon), np.empty(2 * horizon))

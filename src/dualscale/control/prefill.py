@@ -5,9 +5,14 @@ evaluated on every clock of the set, TTFT deadlines become cumulative time budge
 least-energy plan meeting them is chosen (semantics: DESIGN.md, "Prefill decision"). Only the
 first clock is applied; the next call re-plans. Three solvers share that problem:
 
-``"qp"``     condensed QP over per-batch slowdown (OSQP), rounded toward faster, then repaired and
-             improved discretely; feasible by construction, near-optimal in energy.
-``"exact"``  Pareto dynamic program: the least-energy plan, exactly (the oracle).
+``"qp"``     the continuous relaxation on each batch's convex hull of (time, energy), solved exactly
+             (water-filling), and the condensed QP fitted to the hulls, solved by OSQP from there;
+             both rounded toward faster, repaired and improved discretely, and the better plan
+             polished by an exact search among its neighbouring clocks. One compiled call, OSQP
+             included (its C API; the Python binding if the C API's start-up self-test fails).
+``"exact"``  Pareto dynamic program: the least-energy plan, exactly (the oracle), bounded by the
+             ``qp`` pipeline's plan (without OSQP) and capped at ``exact_max_labels`` partial plans;
+             past the cap the decision keeps that plan and says so (``fallback``).
 ``"greedy"`` the paper's level-by-level search from the all-top plan (the baseline).
 ``"lowest"`` the lowest clock at which every request completing in the next batch meets its
              deadline, no horizon (throttLL'eM-style): a batch in which no request completes (a
@@ -21,6 +26,7 @@ exceeds its prediction (``dualscale.control.correction``).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -29,11 +35,11 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from dualscale import _validate as v
-from dualscale._kernels import mpc
+from dualscale._kernels import mpc, osqp_c
 from dualscale._kernels import perf_model as pm
 from dualscale.control._clocks import resolve_clocks
 from dualscale.control.correction import Z, Learner
-from dualscale.control.qp import QpResult, QpSettings, QpSolver, QpStatus, a_nnz
+from dualscale.control.qp import QpResult, QpSettings, QpSolver, QpStatus
 from dualscale.profile import Profile
 
 Solver = Literal["qp", "exact", "greedy", "lowest"]
@@ -59,6 +65,8 @@ class PrefillDecision(msgspec.Struct, frozen=True, gc=False):
             on this iteration is ``top_energy_j - batch_energy_j``.
         budget_s: time the batch about to run may take so that every request completing in it
             meets its deadline (s; relaxed to the top clock's time when even that is late).
+        fallback: ``"exact"`` only: the search reached its cap of partial plans and the plan is
+            its incumbent's (the ``qp`` pipeline's without OSQP), not proven least.
     """
 
     freq_mhz: int
@@ -70,6 +78,7 @@ class PrefillDecision(msgspec.Struct, frozen=True, gc=False):
     batch_energy_j: float = 0.0
     top_energy_j: float = 0.0
     budget_s: float = float("inf")
+    fallback: bool = False
 
 
 class PrefillController(Learner):
@@ -91,6 +100,9 @@ class PrefillController(Learner):
         switch_delay_s: how long a clock change takes to land (s; H100 ~0.02 including the
             decision's own latency); the batch about to run is charged that long at the clock in
             effect. 0 (default) plans as if clocks switched at once (DESIGN.md's plan semantics).
+        exact_max_labels: ``"exact"`` only: partial plans kept after any batch at most (default
+            32: measured to keep its p99 under 100 us on the full grid); past it the decision falls
+            back to the incumbent (``fallback``). 0: no cap.
     """
 
     def __init__(self, profile: Profile, tp: int, ttft_slo_s: float, horizon: int = 8,
@@ -98,7 +110,7 @@ class PrefillController(Learner):
                  clocks_mhz: Sequence[int] | NDArray[np.integer] | None = None,
                  idle_freq_mhz: int | None = None, solver: Solver = "qp",
                  qp_settings: QpSettings | None = None, online_correction: bool = True,
-                 switch_delay_s: float = 0.0) -> None:
+                 switch_delay_s: float = 0.0, exact_max_labels: int = 32) -> None:
         if not isinstance(profile, Profile):
             raise TypeError(f"profile: expected a dualscale.Profile, got {type(profile).__name__}")
         tp = v.whole("tp", tp, 1)
@@ -139,23 +151,59 @@ class PrefillController(Learner):
         self._order = np.empty((k, n_clocks), dtype=np.int64)
         self._n_front = np.zeros(k, dtype=np.int64)
         self._plan = np.empty(k, dtype=np.int64)
-        self._qp_vec = np.empty((4, k))
-        self._px = np.empty(k)
-        self._ax = np.empty(a_nnz(k))
-        # views into qp_vec's rows, so the QP data reaches OSQP without copies
-        self._q = self._qp_vec[0]
-        self._upper = self._qp_vec[1:3].reshape(-1)
-        self._work = np.empty(k)
-        self._ones = np.ones(k)
+        self.exact_max_labels = v.whole("exact_max_labels", exact_max_labels, 0)
+        self._hpos = np.zeros((k, n_clocks), dtype=np.int64)
+        self._n_hull = np.zeros(k, dtype=np.int64)
+        n_fw, n_iw = mpc.qp_workspace(k, n_clocks)
+        self._fw = np.zeros(n_fw)
+        self._iw = np.zeros(n_iw, dtype=np.int64)
+        self._stats = np.zeros(mpc.N_STATS, dtype=np.int64)
+        # views of the workspace: the QP's data, OSQP's last solution, the window search's scratch
+        (self._qp_vec, self._px, self._ax, self._x, self._xw, _, self._y, self._yw, _, _,
+         self._alt, self._cand, self._n_cand, _) = mpc.qp_slices(self._fw, self._iw, k, n_clocks)
+        self._upper = np.empty(2 * k)
+        cap = max(self.exact_max_labels, 1)
+        n_fx, n_ix = mpc.window_workspace(k, n_clocks, cap) if solver == "exact" else (0, 0)
+        self._fx = np.zeros(n_fx)
+        self._ix = np.zeros(n_ix, dtype=np.int64)
         self._qp: QpSolver | None = None
-        #: result of the last QP solve (None for the other solvers or when no QP was needed)
-        self.last_qp: QpResult | None = None
-        #: wall seconds of the last decision spent in OSQP (update + warm start + solve)
+        #: wall seconds of the last decision spent in OSQP through the Python binding (0 on the C API)
         self.last_osqp_s = 0.0
+        #: ``"exact"``: decisions that reached the cap and kept the incumbent, since construction
+        self.exact_fallbacks = 0
+        self._qp_ran = False
         if solver == "qp":
             self._qp = QpSolver(k, qp_settings)
-            self._qp.setup()
+            if not self._qp.open_c_api():
+                warnings.warn(f"OSQP's C API is not usable ({self._qp.c_api_fallback}): prefill decisions "
+                              "call OSQP through its Python binding (slower)", RuntimeWarning, stacklevel=2)
+                self._qp.setup()
         self._warm_up()
+
+    @property
+    def osqp_route(self) -> str:
+        """How the ``qp`` solver reaches OSQP: ``"c-api"`` (compiled, one call per decision),
+        ``"binding"`` (the Python binding: the C API's self-test failed, see ``qp_fallback``), or
+        ``""`` for the other solvers."""
+        if self._qp is None:
+            return ""
+        return "c-api" if self._qp.c_api is not None else "binding"
+
+    @property
+    def qp_fallback(self) -> str:
+        """Why OSQP's C API is not used ("" when it is, or for the other solvers)."""
+        return self._qp.c_api_fallback if self._qp is not None else ""
+
+    @property
+    def last_qp(self) -> QpResult | None:
+        """OSQP's result in the last decision (None when it did not run)."""
+        if not self._qp_ran:
+            return None
+        st = int(self._stats[mpc.ST_STATUS])
+        # OSQP's status values (osqp_api_constants.h): 1 solved, 2 solved inaccurate, 7 max iterations
+        status = {1: QpStatus.SOLVED, 2: QpStatus.INACCURATE, 7: QpStatus.MAX_ITER}.get(st, QpStatus.FAILED)
+        return QpResult(x=self._x.copy(), y=self._y.copy(), status=status,
+                        iterations=int(self._stats[mpc.ST_ITER]), solve_time_s=self.last_osqp_s)
 
     def __repr__(self) -> str:
         return (f"PrefillController(profile={self.profile.name!r}, tp={self.tp}, ttft_slo_s={self.ttft_slo_s}, "
@@ -173,8 +221,12 @@ class PrefillController(Learner):
         pm.warm_up()
         mpc.warm_up()
         self.decide(1.0, [0.5, 0.9], [self.max_batch_tokens + 7, 300])
-        if self._qp is not None:  # the warm-up's solution must not seed the first real decision
+        # the warm-up's solution must not seed the first real decision
+        self._x[:] = 1.0
+        self._y[:] = 0.0
+        if self._qp is not None:
             self._qp.reset_warm_start()
+        self.exact_fallbacks = 0
         self._decided_factor = 0.0
 
     # ---- the decision ------------------------------------------------------------------------
@@ -236,7 +288,8 @@ class PrefillController(Learner):
         relaxed = mpc.budgets(arrival, self._done_batch[:n_req], self._params, self._tables, n, self._budget_s)
         plan = self._plan
         top = self.clocks_mhz.size - 1
-        self.last_qp = None
+        self._qp_ran = False
+        self._fallback = False
         self.last_osqp_s = 0.0
         hold = self.correction.take_hold()
         if kv >= self.kv_guard or hold:
@@ -258,6 +311,7 @@ class PrefillController(Learner):
             batch_energy_j=float(self._tables[mpc.TB_ENERGY_J, 0, plan[0]]) * self.correction.power_factor,
             top_energy_j=float(self._tables[mpc.TB_ENERGY_J, 0, top]) * self.correction.power_factor,
             budget_s=float(self._budget_s[0]),
+            fallback=self._fallback,
         )
 
     def _charge_switch(self, now_s: float) -> None:
@@ -306,26 +360,58 @@ class PrefillController(Learner):
             plan[0] = fits[0] if fits.size else self.clocks_mhz.size - 1
             plan[1:n] = plan[0]
             return mpc.plan_cost(t, b, n, plan)[0]
-        mpc.frontier(t, n, self._order, self._n_front)
-        # no deadline binds: every batch at its own least-energy clock is optimal, no search needed
-        energy, ok = mpc.cheapest_plan(t, b, n, self._order, self._n_front, plan)
-        if ok:
-            return energy
         if self.solver == "exact":
-            # a good feasible plan first: its energy bounds the exact search (which stays exact)
-            upper = mpc.round_repair_improve(t, b, n, self._order, self._n_front, self._ones, plan, self._work)
-            energy = mpc.solve_exact(t, b, n, self._order, self._n_front, plan, upper)
-            # inf only if rounding put the bound below the optimum; plan then still holds the bound's
-            return energy if energy < np.inf else upper
+            return self._solve_exact(n)
         assert self._qp is not None
-        mpc.qp_data(t, b, n, self._order, self._n_front, self._qp_vec, self._px, self._ax)
-        k = self.horizon
+        c = self._qp.c_api
+        if c is not None:
+            energy = osqp_c.solve_qp(t, b, n, self._order, self._n_front, self._hpos, self._n_hull, plan, self._fw,
+                                     self._iw, c.at, self._stats)
+            self._qp_ran = self._stats[mpc.ST_SOURCE] != mpc.SOURCE_CHEAPEST
+            return energy
+        # fallback: the compiled steps around OSQP's Python binding
+        energy, done = self._prepare(n)
+        if done:
+            return energy
         t0 = time.perf_counter()
-        self._qp.update(self._px, self._q, self._ax, self._upper)
-        self._qp.warm_start_shifted()
-        res = self._qp.solve()
+        res = self._qp.solve_from(self._px, self._qp_vec[0], self._ax, self._qp_vec[1:3].reshape(-1),
+                                  self._xw, self._yw)
         self.last_osqp_s = time.perf_counter() - t0
-        self.last_qp = res
-        # a failed solve still yields a feasible plan: repair starts from all-fast instead
-        u = res.x if res.status is not QpStatus.FAILED else np.ones(k)
-        return mpc.round_repair_improve(t, b, n, self._order, self._n_front, u, plan, self._work)
+        self._x[:] = res.x
+        self._y[:] = res.y
+        self._stats[mpc.ST_STATUS] = {QpStatus.SOLVED: 1, QpStatus.INACCURATE: 2, QpStatus.MAX_ITER: 7}.get(res.status, -1)
+        self._stats[mpc.ST_ITER] = res.iterations
+        self._qp_ran = True
+        return mpc.qp_finish(t, b, n, self._order, self._n_front, self._hpos, self._n_hull, plan, energy,
+                             res.status is not QpStatus.FAILED, self._fw, self._iw, self._stats)
+
+    def _prepare(self, n: int) -> tuple[float, bool]:
+        return mpc.qp_prepare(self._tables, self._budget_s, n, self._order, self._n_front, self._hpos, self._n_hull,
+                              self._plan, self._fw, self._iw, self._stats)
+
+    def _solve_exact(self, n: int) -> float:
+        """Least energy, bounded by the qp pipeline's plan without OSQP (a good incumbent, and
+        optimal outright when every batch fits at its cheapest clock), capped."""
+        t, b, plan = self._tables, self._budget_s, self._plan
+        upper, done = self._prepare(n)
+        if done:
+            return upper
+        upper = mpc.qp_finish(t, b, n, self._order, self._n_front, self._hpos, self._n_hull, plan, upper, False,
+                              self._fw, self._iw, self._stats)
+        alt = self._alt
+        if self.exact_max_labels == 0:
+            energy = mpc.solve_exact(t, b, n, self._order, self._n_front, alt, upper)
+            status = 0 if energy < np.inf else 2
+        else:
+            self._cand[:n] = np.arange(self._cand.shape[1])
+            self._n_cand[:n] = self._n_front[:n]
+            energy, status = mpc.solve_window(t, b, n, self._order, self._cand, self._n_cand, alt, upper,
+                                              self.exact_max_labels, self._fx, self._ix)
+        if status == 0 and energy < upper:
+            plan[:n] = alt[:n]
+            return energy
+        if status == 1:
+            self._fallback = True
+            self.exact_fallbacks += 1
+        # status 2: nothing cheaper than the incumbent exists, so the incumbent is optimal
+        return upper
