@@ -57,5 +57,5 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path):
         shutil.copy(DEPLOY / unit, root / "etc/systemd/system" / unit)
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={root}",
                         *(str(root / "etc/systemd/system" / u) for u in UNITS)],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
