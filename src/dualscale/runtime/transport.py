@@ -158,6 +158,7 @@ class Listeners:
             if where is None:
                 raise ConfigError(f"inherited descriptor {fd} ({name}) is not a listening stream socket: "
                                   "the socket unit must use ListenStream=")
+            os.set_inheritable(fd, False)  # the controller's alone, not its children's
             self._where[fd], self.names[fd] = where, name
 
     @classmethod
@@ -171,8 +172,6 @@ class Listeners:
             raise ConfigError(f"LISTEN_FDS = {count!r}: must be a count of descriptors")
         fds = range(LISTEN_FDS_START, LISTEN_FDS_START + int(count))
         labels = names.split(":") if names else []
-        for fd in fds:
-            os.set_inheritable(fd, False)
         return cls({fd: labels[i] if i < len(labels) else f"fd {fd}" for i, fd in enumerate(fds)})
 
     @staticmethod
