@@ -240,13 +240,20 @@ def port_holder(port: int) -> str:
         if not proc.name.isdigit():
             continue
         try:
-            for link in (proc / "fd").iterdir():
-                target = os.readlink(link)
-                if target.startswith("socket:[") and target[8:-1] in owners:
-                    comm = (proc / "comm").read_text().strip()
-                    return f"pid {proc.name} ({comm}), uid {owners[target[8:-1]]}"
+            links = list((proc / "fd").iterdir())
         except OSError:  # gone, or another user's process
             continue
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:  # closed meanwhile (another thread of that process)
+                continue
+            if target.startswith("socket:[") and target[8:-1] in owners:
+                try:
+                    comm = (proc / "comm").read_text().strip()
+                except OSError:
+                    comm = "exited"
+                return f"pid {proc.name} ({comm}), uid {owners[target[8:-1]]}"
     return ", ".join(f"uid {u}" for u in sorted(set(owners.values()))) + " (its process is not visible to this user)"
 
 
