@@ -193,7 +193,7 @@ def test_nvml_actuator_process_on_the_simulated_nvml(tmp_path: Path, monkeypatch
     enc, dec = FrameEncoder(), FrameDecoder((MsgType.NODE_STATUS,))
     with open(tmp_path / "actuator.log", "w") as log:
         p = subprocess.Popen([sys.executable, "-m", "dualscale.cli", "actuator", "--config", str(cfg),
-                              "--backend", "nvml", "--node", "gpu-a",
+                              "--backend", "nvml", "--node", "gpu-a", "--lock-file", str(tmp_path / "actuator.lock"),
                               "--controller", address, "--deadman-s", "30", "--status-period-s", "0.05"],
                              stdout=log, stderr=subprocess.STDOUT, env=node.env(), cwd=tmp_path)
     try:

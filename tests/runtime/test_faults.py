@@ -2,8 +2,9 @@
 
 Real processes on loopback ipc:// with CURVE keys: the actuator (sim backend), the controller, one
 emulated prefill/decode pair (whose report relay is a process of its own). Each round kills the
-actuator, hangs one (SIGSTOP) and starts a replacement, kills the controller and the relay
-(SIGKILL, at random moments) and restarts the first two;
+actuator, hangs one (SIGSTOP: a second actuator started meanwhile must be refused by the node lock
+without touching a GPU) and replaces it once killed, kills the controller and the relay (SIGKILL, at
+random moments) and restarts the first two;
 after each, every GPU must be reset or re-taken and decisions must flow again. At the end the
 energy the controller counted over the whole run must be within 1 % of the simulated GPUs' true
 energy (no window lost to an outage, none counted twice after a restart).
@@ -112,7 +113,6 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
     alive = lambda: list(procs.values())
     recovery: dict[str, list[float]] = {"actuator reset": [], "actuator re-locked": [],
                                         "hung actuator replaced": [], "controller": [], "relay": []}
-    stopped: list[subprocess.Popen] = []
     try:
         actuator()
         wait_for("the simulated node", state.exists, procs=alive())
@@ -138,21 +138,24 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
             recovery["actuator reset"].append(time.monotonic() - t0)
             wait_for("GPUs re-taken", locked, timeout_s=60, procs=alive())
             recovery["actuator re-locked"].append(time.monotonic() - t0)
-            # a hung actuator (SIGSTOP) replaced by a new one, then killed: its connection is dropped
-            # by the ZMTP heartbeat and the new one is routed and commanded
+            # a hung actuator (SIGSTOP): a second one started meanwhile is refused by the node lock and
+            # touches no GPU (the hung one's connection is meanwhile dropped by the ZMTP heartbeat);
+            # once the hung one is killed, a replacement takes the lock, resets and is commanded at once
             time.sleep(rng.uniform(0.2, 1.5))
             hung = procs["actuator"]
             hung.send_signal(signal.SIGSTOP)
-            stopped.append(hung)
             writes = truth.state.snapshot()["writes"].copy()
+            second = start("second-actuator", "-m", "dualscale.cli", "actuator", "--config", str(path))
+            assert second.wait(120) == 75  # EXIT_NODE_LOCKED, before touching any GPU
+            procs.pop("second-actuator")
+            assert (truth.state.snapshot()["writes"] == writes).all() and locked()
+            kill("actuator")
             t0 = time.monotonic()
             actuator()
             wait_for("the replacement resets and re-locks every GPU",
                      lambda w=writes: all(truth.state.snapshot()["writes"] >= w + 2) and locked(), timeout_s=60,
                      procs=alive())
             recovery["hung actuator replaced"].append(time.monotonic() - t0)
-            hung.kill()
-            hung.wait(30)
             # the controller: a new one resumes decisions and its energy count from its state file
             time.sleep(rng.uniform(0.2, 1.5))
             kill("controller")
@@ -185,7 +188,7 @@ def test_kill_every_role_at_random_moments_energy_counted_once(tmp_path: Path, p
         assert abs(err) < 0.01
         truth.close()
     finally:
-        for p in [*procs.values(), *stopped]:
+        for p in procs.values():
             if p.poll() is None:
                 p.kill()
             p.wait(30)

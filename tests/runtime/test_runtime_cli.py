@@ -14,7 +14,8 @@ def test_actuator_without_privileges_fails_at_start_naming_the_fix(tmp_path, mon
     node.set_error(0, on_set=4)  # NVML_ERROR_NO_PERMISSION, as for a non-root process
     cfg = tmp_path / "rt.toml"
     cfg.write_bytes(tomli_w.dumps({"instances": [{"name": "d0", "phase": "decode", "tp": 4, "gpus": [0, 1, 2, 3]}],
-                                   "actuator": {"controller_address": f"ipc://{tmp_path}/a"}}).encode())
+                                   "actuator": {"controller_address": f"ipc://{tmp_path}/a",
+                                                "lock_file": str(tmp_path / "actuator.lock")}}).encode())
     rc = main(["actuator", "--config", str(cfg), "--backend", "nvml", "--nvml-library", str(library_path()),
                "--log-level", "error"])
     err = capsys.readouterr().err

@@ -150,7 +150,8 @@ def test_an_nvml_library_from_config_is_checked_before_it_is_loaded(home, tmp_pa
     lib.chmod(0o666)
     cfg = home / "rt.toml"
     cfg.write_bytes(tomli_w.dumps({"instances": [{"name": "d0", "phase": "decode", "tp": 1, "gpus": [0]}],
-                                   "actuator": {"nvml_library": str(lib), "backend": "nvml"}}).encode())
+                                   "actuator": {"nvml_library": str(lib), "backend": "nvml",
+                                                "lock_file": str(home / "actuator.lock")}}).encode())
     cfg.chmod(0o644)
     assert main(["actuator", "--config", str(cfg)]) == 2
     assert f"NVML library {lib}: mode 0666 lets group or others write it" in capsys.readouterr().err

@@ -314,17 +314,18 @@ def test_bad_or_busy_addresses_are_config_errors(tmp_path):
     from dualscale.runtime.transport import make_socket
 
     ctx = zmq.Context()
+    socks = []
     try:
         with pytest.raises(ConfigError, match="cannot connect"):
             make_socket(ctx, zmq.PUSH, "nonsense://x", bind=False)
-        s = make_socket(ctx, zmq.PULL, f"ipc://{tmp_path}/busy", bind=True)
-        t = make_socket(ctx, zmq.PULL, "tcp://127.0.0.1:0", bind=True)
+        socks.append(make_socket(ctx, zmq.PULL, f"ipc://{tmp_path}/busy", bind=True))
+        socks.append(t := make_socket(ctx, zmq.PULL, "tcp://127.0.0.1:0", bind=True))
         port = t.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
-        with pytest.raises(ConfigError, match="another daemon"):
+        with pytest.raises(ConfigError, match=rf"port {port} is held by pid {os.getpid()} "):
             make_socket(ctx, zmq.PULL, f"tcp://127.0.0.1:{port}", bind=True)
         with pytest.raises(ValueError, match="hwm"):
             make_socket(ctx, zmq.PULL, f"ipc://{tmp_path}/x", bind=True, hwm=0)
-        s.close(0)
-        t.close(0)
     finally:
+        for s in socks:  # also when an assertion failed: an open socket would hang term()
+            s.close(0)
         ctx.term()

@@ -23,6 +23,11 @@ Every device call runs on its GPU's own thread and is waited for at most ``CALL_
 NVML call marks that GPU failed but stalls neither the loop, the dead-man switch, nor SIGTERM (the
 thread is a daemon thread and does not hold up the exit).
 
+One actuator per node: :func:`lock_node` takes an exclusive ``flock`` on the node's lock file before
+any GPU is touched (the CLI does, before even opening the backend), so a second actuator started by
+mistake exits naming the holder instead of resetting the GPUs the first one has locked. The kernel
+releases the lock whenever its holder dies, so a SIGKILL never leaves a stale lock behind.
+
 Trust: commands come only over the CURVE connection to the controller's pinned key; each must fit
 the node policy (:class:`~dualscale.runtime.config.NodePolicy`: a known instance, exactly its GPUs,
 a clock within its bounds), otherwise it is refused and counted by reason; warnings about refused or
@@ -32,8 +37,10 @@ malformed messages are rate-limited.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -42,19 +49,21 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 import zmq
 
 from dualscale.device.base import ClockBackend
-from dualscale.errors import DeviceError, PermissionDenied, ProtocolError
+from dualscale.errors import DeviceError, DualscaleError, PermissionDenied, ProtocolError
 from dualscale.runtime.config import ActuatorSettings, NodePolicy
 from dualscale.runtime.keys import Security
 from dualscale.runtime.messages import ClockCommand, GpuStatus, InstanceClock, MsgType, NodeStatus
 from dualscale.runtime.ratelog import RateLimitedLog
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
 from dualscale.runtime.transport import make_socket
+from dualscale.runtime.trust import open_trusted
 
 log = logging.getLogger("dualscale.runtime.actuator")
 T = TypeVar("T")
@@ -72,6 +81,44 @@ MAX_FRAME_BYTES = 64 << 10
 DEADMAN_RETRY_S = 1.0
 #: Reasons a command is refused (the node policy), counted in ``refused``.
 REFUSALS = ("instance", "gpus", "clock")
+#: Exit status of an actuator that found its node's lock held by another (EX_TEMPFAIL: try again later).
+EXIT_NODE_LOCKED = 75
+
+
+class NodeLocked(DualscaleError):
+    """Another actuator holds this node's lock; nothing was touched."""
+
+
+def lock_node(path: str | Path, node: str) -> int:
+    """Take the node's actuator lock: an exclusive, non-blocking ``flock`` on ``path``, with this
+    process's pid written in the file for the next one's message. Returns the descriptor: the lock is
+    held until it is closed or the process ends (however it ends: the kernel releases it).
+
+    The file is checked like every file the actuator reads (no symlink, owned by root or this user,
+    no directory above writable by others) and must be unreadable by others too (mode 0600): anyone
+    who can open it can hold the lock and keep the actuator from starting.
+
+    Raises:
+        NodeLocked: another process holds the lock (the message names the file and its pid).
+        ConfigError: the file or a directory above it fails the checks, or cannot be created.
+    """
+    p = Path(path)
+    p.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = open_trusted(p, "actuator lock", flags=os.O_RDWR | os.O_CREAT, mode=0o600, secret=True)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise NodeLocked(f"actuator {node}: another actuator (pid {holder or 'unknown'}) holds the node lock {p}: "
+                         "this one exits without touching any GPU (one actuator per node: stop the other first; "
+                         "actuators of disjoint GPUs of one host need a lock_file each)") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class _GpuThreads:

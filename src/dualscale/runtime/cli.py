@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +54,9 @@ def add_parsers(sub: Any) -> None:
             "Refuses to start when its config, policy, key or library file could be written by a user other\n"
             "than root (or the user it runs as) or is a symlink; takes commands only from the controller's\n"
             "key and only for the instances, GPUs and clocks of the node policy. Exits non-zero when a GPU\n"
-            "could not be reset.\n\n"
+            "could not be reset. One actuator per node: it first takes an exclusive lock on --lock-file\n"
+            "(default /run/dualscale/actuator.lock for nvml, STATE_FILE.lock for sim; none with --observe)\n"
+            "and, when another actuator holds it, exits with status 75 naming it, touching no GPU.\n\n"
             "examples:\n"
             "  systemctl start dualscale-actuator   # the deployment path: see the README's Deployment section\n"
             "  /opt/dualscale/bin/dualscale actuator --config /etc/dualscale/runtime.toml --backend nvml --node gpu-node-3\n"
@@ -71,6 +75,8 @@ def add_parsers(sub: Any) -> None:
     act.add_argument("--nvml-library", help="NVML library to load instead of the driver's libnvidia-ml.so.1")
     act.add_argument("--sim-gpus", type=int, help="sim backend: GPUs of the simulated node")
     act.add_argument("--state-file", help="sim backend: share the simulated node through this file")
+    act.add_argument("--lock-file", help="the node's actuator lock (default: /run/dualscale/actuator.lock for "
+                                         "nvml, the sim state file + .lock for sim)")
     act.add_argument("--policy", help="node policy file (instances, GPUs, clock bounds; default: the config's)")
     act.add_argument("--observe", action="store_true",
                      help="shadow mode: read and report clocks, power and energy, never lock or reset a clock "
@@ -204,8 +210,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    import sys
-
     from dualscale.runtime.config import load_runtime_config
     from dualscale.runtime.keys import role_names, write_keypair
 
@@ -225,7 +229,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_actuator(args: argparse.Namespace) -> int:
     from dualscale.device import make_backend
-    from dualscale.runtime.actuator import Actuator
+    from dualscale.runtime.actuator import EXIT_NODE_LOCKED, Actuator, NodeLocked, lock_node
     from dualscale.runtime.config import (
         ActuatorSettings,
         NodePolicy,
@@ -242,24 +246,36 @@ def cmd_actuator(args: argparse.Namespace) -> int:
     over = {k: v for k, v in (("backend", args.backend), ("node", args.node), ("controller_address", args.controller),
                               ("deadman_s", args.deadman_s), ("status_period_s", args.status_period_s),
                               ("gpus", args.gpus), ("nvml_library", args.nvml_library),
-                              ("policy_file", args.policy), ("observe", args.observe or None)) if v is not None}
+                              ("policy_file", args.policy), ("observe", args.observe or None),
+                              ("lock_file", args.lock_file)) if v is not None}
     sim_over = {k: v for k, v in (("gpus", args.sim_gpus), ("state_file", args.state_file)) if v is not None}
     sim = msgspec.convert(msgspec.structs.asdict(a.sim) | sim_over, SimSettings)
     # round-trip through msgspec so command-line values get the same checks as the file's
     a = msgspec.convert(msgspec.structs.asdict(a) | over | {"sim": msgspec.structs.asdict(sim)}, ActuatorSettings)
-    backend = make_backend(a.backend, profile=cfg.profile, gpus=a.sim.gpus, switch_delay_s=a.sim.switch_delay_s,
-                           state_file=a.sim.state_file or None, nvml_library=a.nvml_library or None)
-    policy = load_policy(a.policy_file) if a.policy_file else NodePolicy.of_node(cfg, a.node)
-    with backend:
-        actuator = Actuator(backend, a, policy)
-        _on_signals(actuator.stop)
-        actuator.start()  # resets every GPU first: a previous actuator may have died with them locked
-        try:
-            actuator.security = Security(cfg.security.mechanism, cfg.security.keys_dir, actuator_name(a.node))
-        except BaseException:
-            actuator.close()
-            raise
-        actuator.run()
+    # one actuator per node, before any GPU is touched: a second one must not reset the first one's locks
+    lock = a.lock_path()
+    try:
+        lock_fd = lock_node(lock, a.node) if lock else -1
+    except NodeLocked as e:
+        print(f"dualscale: error: {e}", file=sys.stderr)
+        return EXIT_NODE_LOCKED
+    try:
+        backend = make_backend(a.backend, profile=cfg.profile, gpus=a.sim.gpus, switch_delay_s=a.sim.switch_delay_s,
+                               state_file=a.sim.state_file or None, nvml_library=a.nvml_library or None)
+        policy = load_policy(a.policy_file) if a.policy_file else NodePolicy.of_node(cfg, a.node)
+        with backend:
+            actuator = Actuator(backend, a, policy)
+            _on_signals(actuator.stop)
+            actuator.start()  # resets every GPU first: a previous actuator may have died with them locked
+            try:
+                actuator.security = Security(cfg.security.mechanism, cfg.security.keys_dir, actuator_name(a.node))
+            except BaseException:
+                actuator.close()
+                raise
+            actuator.run()
+    finally:
+        if lock_fd >= 0:
+            os.close(lock_fd)  # only now: every GPU this actuator locked has been reset
     return actuator.exit_code
 
 

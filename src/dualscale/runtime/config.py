@@ -23,6 +23,10 @@ GpuIndex = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
+#: The actuator lock of a GPU node (``[actuator] lock_file`` unless set): one actuator per node.
+DEFAULT_LOCK_FILE = "/run/dualscale/actuator.lock"
+
+
 class _Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
 
@@ -79,8 +83,26 @@ class ActuatorSettings(_Frozen):
     #: the node policy (TOML, see NodePolicy): instances, their GPUs and clock bounds; "" = the config's
     #: [[instances]] of this node with no clock bounds
     policy_file: str = ""
+    #: one actuator per node: an exclusive lock on this file is taken before any GPU is touched, and a
+    #: second actuator exits naming the holder. "" = /run/dualscale/actuator.lock (nvml; a root-owned
+    #: directory, created 0755 if missing) or the sim state file's path + ".lock" (sim; no lock when
+    #: the simulated GPUs live in the process). Checked like every file the actuator reads.
+    lock_file: str = ""
     sim: SimSettings = SimSettings()
     hwm: Count = 1000
+
+    def lock_path(self) -> str:
+        """The node lock this actuator takes ("" = none: shadow mode, or a sim node of its own).
+
+        Shadow mode (``observe``) takes no lock: it never writes a clock, so it cannot release
+        another actuator's locks, and it must run without the privilege the lock's directory needs."""
+        if self.observe:
+            return ""
+        if self.lock_file:
+            return self.lock_file
+        if self.backend == "nvml":
+            return DEFAULT_LOCK_FILE
+        return f"{self.sim.state_file}.lock" if self.sim.state_file else ""
 
 
 class SecuritySettings(_Frozen):

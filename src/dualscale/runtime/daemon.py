@@ -70,7 +70,7 @@ from dualscale.runtime.metrics import DaemonMetrics, serve_metrics
 from dualscale.runtime.ratelog import RateLimitedLog
 from dualscale.runtime.recorder import TelemetryRecorder
 from dualscale.runtime.serial import FrameDecoder, FrameEncoder
-from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLIN, make_socket
+from dualscale.runtime.transport import EVENTS, NOBLOCK, POLLIN, Listeners, make_socket
 from dualscale.runtime.trust import read_trusted
 
 log = logging.getLogger("dualscale.runtime.daemon")
@@ -278,21 +278,31 @@ class ControllerDaemon:
             roles = role_names(self.nodes, self.slots)
             sec.authenticate(ctx, {"reports": [s.user for s in self.slots.values()],
                                    "actuators": list(self._node_of_user), "plan": roles[1:]})
+            # ports a socket unit holds across restarts (none when started otherwise): bound through
+            held = Listeners.from_environment()
             self._reports = make_socket(ctx, zmq.PULL, cs.report_address, bind=True, hwm=cs.hwm,
-                                        secure=sec.server("reports"), max_bytes=MAX_REPORT_BYTES)
+                                        secure=sec.server("reports"), max_bytes=MAX_REPORT_BYTES,
+                                        fd=held.take(cs.report_address))
             stack.callback(self._reports.close, 0)
             self._actuators = make_socket(ctx, zmq.ROUTER, cs.actuator_address, bind=True, hwm=cs.hwm,
                                           router_mandatory=True, secure=sec.server("actuators"),
-                                          max_bytes=MAX_STATUS_BYTES)
+                                          max_bytes=MAX_STATUS_BYTES, fd=held.take(cs.actuator_address))
             stack.callback(self._actuators.close, 0)
             if cs.plan_address:
                 self._plan_pub = make_socket(ctx, zmq.PUB, cs.plan_address, bind=True, hwm=cs.hwm,
-                                             secure=sec.server("plan"), max_bytes=1024)  # subscriptions only
+                                             secure=sec.server("plan"), max_bytes=1024,  # subscriptions only
+                                             fd=held.take(cs.plan_address))
                 stack.callback(self._plan_pub.close, 0)
             if cs.metrics_port:
-                server = serve_metrics(self.metrics, cs.metrics_host, cs.metrics_port)
+                server = serve_metrics(self.metrics, cs.metrics_host, cs.metrics_port,
+                                       fd=held.take(f"tcp://{cs.metrics_host}:{cs.metrics_port}"))
                 stack.callback(server.server_close)
                 stack.callback(server.shutdown)
+            if held.names:
+                log.info("controller: %d of %d listening sockets inherited from the supervisor (ports held across "
+                         "restarts)", len(held.names) - len(held.left()), len(held.names))
+            if held.left():
+                log.warning("controller: inherited sockets no address of the config uses: %s", ", ".join(held.left()))
             self._poller.register(self._reports, zmq.POLLIN)
             self._poller.register(self._actuators, zmq.POLLIN)
             log.info("controller: %d instances on %d node(s); reports at %s, actuators at %s%s",

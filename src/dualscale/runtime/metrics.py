@@ -7,12 +7,18 @@ touches pre-bound children (``labels()`` is looked up once per instance).
 
 from __future__ import annotations
 
+import errno
+import socket
+import threading
 import urllib.request
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer
 
+from dualscale.errors import ConfigError
 from dualscale.runtime.serial import REASONS
+from dualscale.runtime.transport import in_use_hint
 
 #: Decision latency buckets (s): 20 us .. 50 ms.
 LATENCY_BUCKETS_S = (2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
@@ -80,9 +86,36 @@ class DaemonMetrics:
             self.dropped.labels(reason)  # every reason is exported from the start, at 0
 
 
-def serve_metrics(metrics: DaemonMetrics, host: str, port: int) -> WSGIServer:
-    """Serve ``/metrics`` over HTTP on a daemon thread; ``shutdown()`` the returned server to stop."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a scrape is not an event
+
+
+def serve_metrics(metrics: DaemonMetrics, host: str, port: int, fd: int | None = None) -> WSGIServer:
+    """Serve ``/metrics`` over HTTP on a daemon thread; ``shutdown()`` the returned server to stop.
+
+    ``fd``: a listening socket already bound to host:port (socket activation, see
+    :class:`dualscale.runtime.transport.Listeners`), served instead of binding; the server owns it.
+
+    Raises:
+        ConfigError: host:port cannot be bound (the message names the port's holder).
+    """
+    if fd is None:
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+        except OSError as e:
+            hint = in_use_hint(f"tcp://{host}:{port}") if e.errno == errno.EADDRINUSE else ""
+            raise ConfigError(f"metrics on {host}:{port}: cannot bind: {e.strerror or e}{hint}") from e
+        return server
+    sock = socket.socket(fileno=fd)
+    server = ThreadingWSGIServer(sock.getsockname()[:2], _Quiet, bind_and_activate=False)
+    server.socket.close()
+    # what HTTPServer.server_bind would have set, for a socket that is bound and listening already
+    server.socket, server.server_address = sock, sock.getsockname()
+    server.server_name, server.server_port = sock.getsockname()[0], sock.getsockname()[1]
+    server.setup_environ()
+    server.set_app(make_wsgi_app(metrics.registry))
+    threading.Thread(target=server.serve_forever, name="dualscale-metrics", daemon=True).start()
     return server
 
 
