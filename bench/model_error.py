@@ -23,8 +23,8 @@ import _rows
 import msgspec
 from rich.console import Console
 
-from dualscale.placement.evaluate import EvalSettings, evaluate, run_workload
-from dualscale.placement.goodput import at_rate
+from dualscale.placement.evaluate import EvalSettings, evaluate, run_workload, table_source
+from dualscale.placement.goodput import at_rate, default_cache_dir
 from dualscale.placement.ilp import max_rate
 from dualscale.profile import Profile
 from dualscale.sim.run import simulate
@@ -75,15 +75,19 @@ def evaluation(loads: list[float], settings: EvalSettings, say) -> list[dict[str
     _, table, distserve = evaluate(scenario, msgspec.structs.replace(settings, gamma_loads=[], trace_loads=[]))
     capacity, _, _ = max_rate(table, profile, settings.gpus, [max(settings.goodput.clocks_mhz)])
     lengths = load_trace(settings.lengths_trace)
+    # the coarse tier re-plans each window on what the fine tier learnt (the same table as
+    # evaluate's at factors 1, others computed once and cached)
+    table_for = table_source(scenario, window(lengths, 0.0, settings.table_window_s), settings.goodput,
+                             cache_dir=default_cache_dir())
     out = []
     for load in loads:
         trace = at_rate(window(lengths, 0.0, settings.trace_duration_s), load * capacity)
         for name, truth in TRUTHS:
             say(f"evaluation {load:.0%}, {name}")
-            rows = run_workload(settings.lengths_trace, load, trace, variant(scenario, truth, True), profile, table,
-                                settings, distserve)
+            rows = run_workload(settings.lengths_trace, load, trace, variant(scenario, truth, True), profile,
+                                table_for, settings, distserve)
             (off,) = run_workload(settings.lengths_trace, load, trace, variant(scenario, truth, False), profile,
-                                  table, settings, distserve, policies=("dualscale",))
+                                  table_for, settings, distserve, policies=("dualscale",))
             ref = next(r for r in rows if r.policy == "distserve").energy_j
             for r in rows:
                 out.append(row(f"evaluate {load:.0%}", name, r.policy, r.saving_vs_distserve, r.ttft_p99_s,

@@ -38,6 +38,10 @@ def test_noise_makes_the_plan_slower_not_faster(rng):
         c.observe(ratio, 1.0)
     assert c.time_factor > 1.1
     assert above / n < 0.06  # z = 2 on a Gaussian log-ratio: about 2.3 %, plus the learning transient
+    # the mean factor (what the coarse tier plans with) is the bias itself, without the margin:
+    # the EW mean of ~1/ALPHA = 10 draws of sd 0.05 has sd ~0.012, so 4 sd is 5 %
+    assert c.mean_time_factor == pytest.approx(1.1, rel=0.05)
+    assert c.mean_time_factor < c.time_factor
 
 
 def test_outliers_and_bad_values_are_not_learnt():

@@ -122,3 +122,26 @@ def test_string_tokens_are_a_type_error(profile):
 def test_unknown_profile_names_the_builtins():
     with pytest.raises(ConfigError, match=NAME):
         dualscale.Profile.load("no-such-gpu")
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_latency_factors_scale_every_time_and_keep_power(profile, tp):
+    p2 = profile.with_latency_factors(prefill=1.3, decode=0.8)
+    f = profile.clocks_mhz
+    t, w = profile.prefill(tp, [1500, 37], f, [0, 900])
+    t2, w2 = p2.prefill(tp, [1500, 37], f, [0, 900])
+    # one multiplication of each coefficient and of the sum: a few ulps, far under 1e-12
+    np.testing.assert_allclose(t2, 1.3 * t, rtol=1e-12)
+    np.testing.assert_allclose(w2, w, rtol=1e-12)
+    t, w = profile.decode(tp, [300, 4000, 12], f)
+    t2, w2 = p2.decode(tp, [300, 4000, 12], f)
+    np.testing.assert_allclose(t2, 0.8 * t, rtol=1e-12)
+    np.testing.assert_allclose(w2, w, rtol=1e-12)
+    assert profile.with_latency_factors() is profile
+    assert "learnt online" in p2.config.latency.prefill[0].source
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_latency_factor_must_be_positive_and_finite(profile, bad):
+    with pytest.raises(ValueError, match="decode = "):
+        profile.with_latency_factors(decode=bad)

@@ -10,7 +10,7 @@ import pytest
 
 from dualscale.placement import GoodputSettings, goodput_table
 from dualscale.placement import goodput as gp
-from dualscale.sim.scenario import load_scenario
+from dualscale.sim.scenario import Truth, load_scenario
 from dualscale.sim.traces import Trace, gamma_trace, load_trace, window
 
 SETTINGS = GoodputSettings(tp_degrees=[4], clocks_mhz=[1065, 1980], tolerance_per_s=0.25)
@@ -92,3 +92,22 @@ def test_a_configuration_that_never_meets_the_slo_has_goodput_zero(scenario, tmp
     tab = goodput_table(strict, tr, GoodputSettings(tp_degrees=[2], clocks_mhz=[1980]), workers=1, cache_dir=tmp_path)
     dec = tab.get("decode", 2, 1980)
     assert dec.goodput_per_s == 0.0 and dec.energy_per_request_j is None
+
+
+def test_the_coarse_tier_plans_on_the_model_never_on_the_truth(scenario, small_trace, tmp_path):
+    """Probes leave the simulated GPUs' [truth] out (the coarse tier cannot see it), and learnt
+    latency factors are planned on as a scaled profile: a table at factor 1.2 is the table of GPUs
+    20 % slower, with less goodput."""
+    settings = GoodputSettings(tp_degrees=[4], clocks_mhz=[1980], tolerance_per_s=0.25)
+    plain = goodput_table(scenario, small_trace, settings, workers=1, cache_dir=tmp_path / "a")
+    biased = msgspec.structs.replace(scenario, truth=Truth(latency_bias_prefill=0.3, latency_bias_decode=0.3))
+    assert goodput_table(biased, small_trace, settings, workers=1, cache_dir=tmp_path / "b") == plain
+    slower = goodput_table(scenario, small_trace, settings, workers=1, cache_dir=tmp_path / "a",
+                           latency_factors=(1.2, 1.2))
+    assert slower.key != plain.key
+    for e in plain.entries:
+        s = slower.get(e.phase, e.tp, e.freq_mhz)
+        # less goodput, or (at the search's upper limit) the same rate at more energy per request
+        assert s.goodput_per_s < e.goodput_per_s or (
+            s.goodput_per_s == e.goodput_per_s and s.energy_per_request_j > e.energy_per_request_j)
+    assert slower.get("prefill", 4, 1980).goodput_per_s < plain.get("prefill", 4, 1980).goodput_per_s

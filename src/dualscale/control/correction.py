@@ -126,6 +126,13 @@ class Correction:
         self.time_factor = math.exp(min(_LOG_LIMIT, max(-_LOG_LIMIT, self.mu + self.z * math.sqrt(self.var))))
         return self.time_factor != old
 
+    @property
+    def mean_time_factor(self) -> float:
+        """measured / model time, EW geometric mean (1 before any observation): the bias without the
+        safety margin ``time_factor`` carries (what a planner that averages over many iterations,
+        such as the coarse tier, should use)."""
+        return math.exp(min(_LOG_LIMIT, max(-_LOG_LIMIT, self.mu)))
+
     def take_hold(self) -> bool:
         """True when this decision must use the top clock (counts the hold down)."""
         if self.hold_left > 0:

@@ -19,7 +19,15 @@ goodput tables' groups and then every window of every workload and policy at onc
 outcome is cached on disk (``<cache dir>/windows/``, see :func:`default_cache_dir`) under a key of
 everything it depends on (scenario, profile, policy, the window's requests and placement, the
 engine's version), so a second evaluation, or one that shares windows with an earlier one, only
-pools. Windows do not share state: each starts empty with fresh controllers, as in the paper.
+pools. Each window starts empty with fresh controllers, as in the paper.
+
+One thing flows from window to window when the simulated GPUs differ from the profile
+(``[truth]``): what the fine tier learnt. The coarse tier plans each window on the profile with
+every iteration time scaled by the latency factor DualScale's controllers learnt in the previous
+window (per phase, rounded to :data:`FACTOR_STEP`), so it sizes the cluster for the GPUs it has,
+not the ones it was told of; PlaceOnly runs on the same placements. Windows of such a workload are
+therefore planned one after another. With the truth equal to the profile nothing is learnt (the
+factors stay 1) and every window is planned up front.
 """
 
 from __future__ import annotations
@@ -64,6 +72,9 @@ class EvalSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     trace_duration_s: float = 3600.0
     objective: str = "load"
     seed: int = 0
+    #: plan each window on the latency factors the fine tier learnt in the previous one (only
+    #: matters when the scenario's ``[truth]`` differs from the profile)
+    coarse_feedback: bool = True
 
 
 QUICK = EvalSettings(
@@ -107,7 +118,10 @@ def _windows(trace: Trace, window_s: float) -> list[Trace]:
 
 
 #: Bump when a window's outcome changes meaning, so old cached windows are not reused.
-WINDOW_CACHE_VERSION = 1
+WINDOW_CACHE_VERSION = 2
+#: Learnt latency factors are rounded to powers of this (and to 1 within half a step), so the
+#: coarse tier re-plans on a handful of cached goodput tables, not one per window.
+FACTOR_STEP = 1.025
 #: The policy each evaluated policy runs under in the simulator.
 _SIM_POLICY = {"distserve": "distserve", "placeonly": "baseline", "dualscale": "dualscale"}
 
@@ -124,6 +138,9 @@ class WindowOutcome(msgspec.Struct, frozen=True, array_like=True):
     decode_j: float
     tokens_in: int
     tokens_out: int
+    #: measured / model time the controllers learnt (1 where nothing was learnt)
+    prefill_factor: float
+    decode_factor: float
 
     @classmethod
     def of(cls, run: RunResult) -> WindowOutcome:
@@ -131,7 +148,17 @@ class WindowOutcome(msgspec.Struct, frozen=True, array_like=True):
         tr = run.trace
         return cls(ttft.astype(np.float64).tobytes(), tpot.astype(np.float64).tobytes(),
                    int(np.isfinite(run.finish_s).sum()), len(tr), run.energy_j("prefill"), run.energy_j("decode"),
-                   int(tr.input_tokens.sum()), int(tr.output_tokens.sum()))
+                   int(tr.input_tokens.sum()), int(tr.output_tokens.sum()),
+                   run.learnt_latency_factor("prefill"), run.learnt_latency_factor("decode"))
+
+    def learnt(self) -> tuple[float, float]:
+        """The learnt (prefill, decode) factors as the coarse tier plans on them (rounded)."""
+        return _round_factor(self.prefill_factor), _round_factor(self.decode_factor)
+
+
+def _round_factor(f: float) -> float:
+    step = math.log(FACTOR_STEP)
+    return float(math.exp(round(math.log(f) / step) * step)) if math.isfinite(f) and f > 0 else 1.0
 
 
 def window_key(scenario: Scenario, profile: Profile, policy: str, trace: Trace, plan: PlacementPlan) -> str:
@@ -189,10 +216,25 @@ class _Windows:
         self.executor = executor
         self.progress = progress
         self.tasks: list[tuple[str, tuple[Scenario, str, Trace, PlacementPlan]]] = []
+        self.known: dict[int, WindowOutcome | None] = {}
 
-    def add(self, scenario: Scenario, profile: Profile, policy: str, trace: Trace, plan: PlacementPlan) -> int:
+    def add(self, scenario: Scenario, profile: Profile, policy: str, trace: Trace, plan: PlacementPlan,
+            known: WindowOutcome | None = None) -> int:
+        """Queue one window (``known``: its outcome, already simulated)."""
         self.tasks.append((window_key(scenario, profile, policy, trace, plan), (scenario, policy, trace, plan)))
+        self.known[len(self.tasks) - 1] = known
         return len(self.tasks) - 1
+
+    def one(self, scenario: Scenario, profile: Profile, policy: str, trace: Trace,
+            plan: PlacementPlan) -> WindowOutcome:
+        """One window now (from the cache if there), on the executor if any."""
+        key = window_key(scenario, profile, policy, trace, plan)
+        out = self._cached(key)
+        if out is None:
+            args = (scenario, policy, trace, plan)
+            out = simulate_window(*args) if self.executor is None else self.executor.submit(simulate_window, *args).result()
+            self._store(key, out)
+        return out
 
     def _cached(self, key: str) -> WindowOutcome | None:
         if self.dir is None:
@@ -208,7 +250,8 @@ class _Windows:
             write_atomic(self.dir / f"{key}.msgpack", msgspec.msgpack.encode(outcome))
 
     def run(self) -> list[WindowOutcome]:
-        out: list[WindowOutcome | None] = [self._cached(k) for k, _ in self.tasks]
+        out: list[WindowOutcome | None] = [self._cached(k) if self.known.get(i) is None else self.known[i]
+                                           for i, (k, _) in enumerate(self.tasks)]
         todo = [i for i, o in enumerate(out) if o is None]
         total = len(self.tasks)
         done = total - len(todo)
@@ -231,16 +274,28 @@ class _Windows:
         return out  # type: ignore[return-value]
 
 
-def _plans(wins: Sequence[Trace], table: GoodputTable, profile: Profile, settings: EvalSettings) -> list[PlacementPlan]:
-    """One placement per window, sized for the previous window's rate (the first for its own)."""
+TableFor = Callable[[tuple[float, float]], GoodputTable]
+"""The goodput table of the profile with (prefill, decode) latency factors applied."""
+
+
+def _plans(wins: Sequence[Trace], table_for: TableFor, profile: Profile, settings: EvalSettings,
+           learn: Callable[[int, PlacementPlan], tuple[float, float]] | None = None) -> list[PlacementPlan]:
+    """One placement per window, sized for the previous window's rate (the first for its own) on
+    what the fine tier learnt in the previous window (``learn(i, plan)`` runs window i on its plan
+    and returns the factors learnt; None: nothing to learn, factors 1)."""
     plans = []
     prev_rate = None
-    for w in wins:
+    factors = (1.0, 1.0)
+    for i, w in enumerate(wins):
         observed = len(w) / settings.window_s
         predicted = observed if prev_rate is None else prev_rate
-        plans.append(place(table, profile, predicted, settings.gpus, alpha=settings.alpha,
-                           objective=settings.objective, window_s=settings.window_s))  # type: ignore[arg-type]
+        plan = place(table_for(factors), profile.with_latency_factors(prefill=factors[0], decode=factors[1]),
+                     predicted, settings.gpus, alpha=settings.alpha, objective=settings.objective,  # type: ignore[arg-type]
+                     window_s=settings.window_s)
+        plans.append(plan)
         prev_rate = observed
+        if learn is not None:
+            factors = learn(i, plan)
     return plans
 
 
@@ -248,7 +303,7 @@ class _Workload:
     """One workload's windows, their plans, and where each policy's windows sit in the task list."""
 
     def __init__(self, name: str, load: float, trace: Trace, scenario: Scenario, profile: Profile,
-                 table: GoodputTable, settings: EvalSettings, distserve: PlacementPlan, policies: Sequence[str],
+                 table_for: TableFor, settings: EvalSettings, distserve: PlacementPlan, policies: Sequence[str],
                  windows: _Windows) -> None:
         unknown = [p for p in policies if p not in POLICIES]
         if unknown:
@@ -256,11 +311,17 @@ class _Workload:
         self.name, self.load, self.trace, self.scenario, self.policies = name, load, trace, scenario, policies
         self.distserve = distserve
         wins = _windows(trace, settings.window_s)
-        self.plans = _plans(wins, table, profile, settings)
-        # each window starts empty with fresh controllers (the paper's setting); a policy whose
-        # state should flow from one window into the next would chain its windows here instead
-        self.tasks = {p: [windows.add(scenario, profile, p, w, distserve if p == "distserve" else plan)
-                          for w, plan in zip(wins, self.plans)] for p in policies}
+        learnt: dict[int, WindowOutcome] = {}
+        learn = None
+        if settings.coarse_feedback and not scenario.truth.is_model and "dualscale" in policies:
+            def learn(i: int, plan: PlacementPlan) -> tuple[float, float]:
+                learnt[i] = windows.one(scenario, profile, "dualscale", wins[i], plan)
+                return learnt[i].learnt()
+
+        self.plans = _plans(wins, table_for, profile, settings, learn)
+        self.tasks = {p: [windows.add(scenario, profile, p, w, distserve if p == "distserve" else plan,
+                                      learnt.get(i) if p == "dualscale" else None)
+                          for i, (w, plan) in enumerate(zip(wins, self.plans))] for p in policies}
 
     def rows(self, outcomes: Sequence[WindowOutcome]) -> list[EvalRow]:
         pooled = {p: _pool([outcomes[i] for i in idx], self.scenario) for p, idx in self.tasks.items()}
@@ -293,15 +354,36 @@ def _pool_of(executor: cf.Executor | None, workers: int | None) -> Iterator[cf.E
 
 
 def run_workload(name: str, load: float, trace: Trace, scenario: Scenario, profile: Profile,
-                 table: GoodputTable, settings: EvalSettings, distserve: PlacementPlan,
+                 table: GoodputTable | TableFor, settings: EvalSettings, distserve: PlacementPlan,
                  policies: Sequence[str] = POLICIES, *, executor: cf.Executor | None = None,
                  cache_dir: Path | None = None) -> list[EvalRow]:
     """Each of ``policies`` (default: every one) over ``trace``, planned window by window. Savings
-    are against DistServe when it is among them. Windows run on ``executor`` (default: here) and
-    are cached in ``cache_dir`` (default: not cached)."""
+    are against DistServe when it is among them. ``table``: the profile's goodput table, or a
+    function giving it for learnt latency factors (coarse-tier feedback; a plain table means no
+    feedback). Windows run on ``executor`` (default: here) and are cached in ``cache_dir`` (default:
+    not cached)."""
+    if isinstance(table, GoodputTable):
+        fixed = table
+        table, settings = (lambda factors: fixed), msgspec.structs.replace(settings, coarse_feedback=False)
     windows = _Windows(cache_dir, executor, None)
     wl = _Workload(name, load, trace, scenario, profile, table, settings, distserve, policies, windows)
     return wl.rows(windows.run())
+
+
+def table_source(scenario: Scenario, trace: Trace, settings: GoodputSettings, *, executor: cf.Executor | None = None,
+                 cache_dir: Path | None = None, progress: Callable[[int, int], None] | None = None) -> TableFor:
+    """The goodput table of ``scenario``'s profile on ``trace`` for any learnt latency factors
+    (each computed once, then from the disk cache)."""
+    memo: dict[tuple[float, float], GoodputTable] = {}
+
+    def table_for(factors: tuple[float, float]) -> GoodputTable:
+        if factors not in memo:
+            memo[factors] = goodput_table(scenario, trace, settings, executor=executor,
+                                          workers=1 if executor is None else None, cache_dir=cache_dir,
+                                          latency_factors=factors, progress=progress)
+        return memo[factors]
+
+    return table_for
 
 
 def evaluate(scenario: Scenario, settings: EvalSettings = EvalSettings(), *, workers: int | None = None,
@@ -326,16 +408,17 @@ def evaluate(scenario: Scenario, settings: EvalSettings = EvalSettings(), *, wor
     with _pool_of(executor, workers) as ex:
         # goodput depends on the arrival process, not only the rate: one table per kind of workload,
         # measured on that workload's arrivals (probes rescale the rate from there)
-        tables = []
+        sources = []
         for kind, gs in (("trace", settings.goodput),
                          ("gamma", msgspec.structs.replace(settings.goodput, arrivals="gamma",
                                                            gamma_cv=settings.gamma_cv, gamma_seed=settings.seed))):
             stage = f"goodput table ({kind} arrivals)"
             say(stage, 0, 1)
-            tables.append(goodput_table(scenario, window(lengths, 0.0, settings.table_window_s), gs,
-                                        executor=ex, workers=1 if ex is None else None, cache_dir=cache,
-                                        progress=lambda i, n, stage=stage: say(stage, i, n)))
-        table, gamma_table = tables
+            sources.append(table_source(scenario, window(lengths, 0.0, settings.table_window_s), gs, executor=ex,
+                                        cache_dir=cache, progress=lambda i, n, stage=stage: say(stage, i, n)))
+        table_for, gamma_table_for = sources
+        table = table_for((1.0, 1.0))
+        gamma_table_for((1.0, 1.0))
         top = max(settings.goodput.clocks_mhz)
         capacity, _, _ = max_rate(table, profile, settings.gpus, [top])
         if capacity <= 0:
@@ -345,12 +428,12 @@ def evaluate(scenario: Scenario, settings: EvalSettings = EvalSettings(), *, wor
         workloads = []
         for load in settings.gamma_loads:
             tr = gamma_trace(load * capacity, settings.gamma_cv, settings.gamma_duration_s, lengths, settings.seed)
-            workloads.append(_Workload("gamma", load, tr, scenario, profile, gamma_table, settings, distserve,
+            workloads.append(_Workload("gamma", load, tr, scenario, profile, gamma_table_for, settings, distserve,
                                        POLICIES, windows))
         base = window(lengths, 0.0, settings.trace_duration_s)
         for load in settings.trace_loads:
             workloads.append(_Workload(settings.lengths_trace, load, at_rate(base, load * capacity), scenario, profile,
-                                       table, settings, distserve, POLICIES, windows))
+                                       table_for, settings, distserve, POLICIES, windows))
         outcomes = windows.run()
     rows = [r for wl in workloads for r in wl.rows(outcomes)]
     return rows, table, distserve

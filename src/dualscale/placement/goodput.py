@@ -32,7 +32,7 @@ from dualscale._version import __version__
 from dualscale.profile import Profile
 from dualscale.sim.engine import Simulation
 from dualscale.sim.policies import Static
-from dualscale.sim.scenario import Scenario
+from dualscale.sim.scenario import Scenario, Truth
 from dualscale.sim.traces import Trace, downsample, gamma_trace, time_scale
 
 #: Bump when the probe's semantics change, so old caches are not reused.
@@ -116,9 +116,9 @@ def probe(scenario: Scenario, profile: Profile, trace: Trace, phase: str, tp: in
 
 
 def _group(scenario: Scenario, profile_name: str, trace: Trace, phase: str, tp: int,
-           settings: GoodputSettings) -> list[GoodputEntry]:
+           settings: GoodputSettings, latency_factors: tuple[float, float] = (1.0, 1.0)) -> list[GoodputEntry]:
     """Goodput of every baseline clock of one (phase, TP), lowest clock first, sharing bounds."""
-    profile = Profile.load(profile_name)
+    profile = Profile.load(profile_name).with_latency_factors(prefill=latency_factors[0], decode=latency_factors[1])
     hi_limit = settings.max_rate_per_gpu * tp
     # below this a probe would replay fewer than two requests: call it goodput 0
     min_rate = 2.0 / max(trace.duration_s, 1e-9)
@@ -191,9 +191,14 @@ def default_cache_dir() -> Path:
 
 def goodput_table(scenario: Scenario, trace: Trace, settings: GoodputSettings, *,
                   executor: cf.Executor | None = None, workers: int | None = None,
-                  cache_dir: Path | None = None,
+                  cache_dir: Path | None = None, latency_factors: tuple[float, float] = (1.0, 1.0),
                   progress: Callable[[int, int], None] | None = None) -> GoodputTable:
     """Compute (or load from the cache) the goodput table of ``scenario``'s profile on ``trace``.
+
+    The coarse tier plans on its model, never on the simulated GPUs' ``[truth]`` (which the probes
+    leave out): on the profile, with every iteration time of a phase multiplied by
+    ``latency_factors`` (prefill, decode), what the fine tier learnt of the GPUs (see
+    :meth:`~dualscale.profile.Profile.with_latency_factors`).
 
     Args:
         executor: any ``concurrent.futures.Executor`` (a Ray or Dask executor works unchanged: the
@@ -203,7 +208,9 @@ def goodput_table(scenario: Scenario, trace: Trace, settings: GoodputSettings, *
             are never stale because the key covers their inputs.
         progress: called with (groups done, groups total).
     """
-    profile = Profile.load(scenario.profile)
+    scenario = msgspec.structs.replace(scenario, truth=Truth())
+    profile = Profile.load(scenario.profile).with_latency_factors(prefill=latency_factors[0],
+                                                                  decode=latency_factors[1])
     bad = [tp for tp in settings.tp_degrees if tp not in profile.tp_degrees]
     if bad:
         raise ValueError(f"tp_degrees contains {bad[0]}: profile {profile.name!r} covers {profile.tp_degrees}")
@@ -220,7 +227,7 @@ def goodput_table(scenario: Scenario, trace: Trace, settings: GoodputSettings, *
         except msgspec.DecodeError:
             pass  # a damaged cache entry is recomputed and overwritten
     groups = [(phase, tp) for phase in ("prefill", "decode") for tp in settings.tp_degrees]
-    args = [(scenario, scenario.profile, trace, phase, tp, settings) for phase, tp in groups]
+    args = [(scenario, scenario.profile, trace, phase, tp, settings, latency_factors) for phase, tp in groups]
     entries: list[GoodputEntry] = []
     done = 0
     if executor is None and (workers == 1 or (workers is None and (os.cpu_count() or 1) == 1)):

@@ -7,16 +7,18 @@ supported clock grid, so a decision evaluates a batch on every clock with one ke
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
+import msgspec
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from dualscale._kernels import perf_model as pm
 from dualscale._validate import token_array
 from dualscale.config import builtin_names, load_named
-from dualscale.profile.schema import ClockResponse, ProfileConfig
+from dualscale.profile.schema import ClockResponse, Coefficients, ProfileConfig
 
 Phase = Literal["prefill", "decode"]
 PHASES: tuple[Phase, ...] = ("prefill", "decode")
@@ -117,6 +119,32 @@ class Profile:
     def load(cls, name_or_path: str | Path) -> Profile:
         """Load a built-in profile by name (e.g. ``"h100-sxm-llama-3.3-70b"``) or a TOML file by path."""
         return cls(load_named(name_or_path, ProfileConfig, "profiles", "profile"), str(name_or_path))
+
+    def with_latency_factors(self, *, prefill: float = 1.0, decode: float = 1.0) -> Profile:
+        """This profile with every iteration time of a phase multiplied by its factor, power unchanged:
+        what the online correction learnt (``Correction.mean_time_factor``) applied to the model, so
+        the coarse tier can plan on it. Time is homogeneous of degree one in the four time
+        coefficients (the soft roofline of two sums of them), so scaling them scales every time
+        exactly, as the controllers' correction does."""
+        for name, f in (("prefill", prefill), ("decode", decode)):
+            if not (isinstance(f, (int, float)) and math.isfinite(f) and f > 0):
+                raise ValueError(f"{name} = {f!r}: a latency factor must be finite and > 0")
+        if prefill == 1.0 and decode == 1.0:
+            return self
+
+        def scaled(c: Coefficients, f: float) -> Coefficients:
+            if f == 1.0:
+                return c
+            return msgspec.structs.replace(
+                c, base_s=c.base_s * f, per_request_s=c.per_request_s * f,
+                per_context_token_s=c.per_context_token_s * f, per_token_s=c.per_token_s * f,
+                source=f"{c.source}; times x {f:.4g} (learnt online)")
+
+        lat = self.config.latency
+        lat = msgspec.structs.replace(lat, prefill=[scaled(c, prefill) for c in lat.prefill],
+                                      decode=[scaled(c, decode) for c in lat.decode])
+        return Profile(msgspec.structs.replace(self.config, latency=lat),
+                       f"{self.origin} (latency x {prefill:.4g} prefill, x {decode:.4g} decode)")
 
     @property
     def name(self) -> str:

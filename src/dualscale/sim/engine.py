@@ -184,6 +184,14 @@ class RunResult:
         insts = self.prefill if phase == "prefill" else self.decode
         return float(sum(i.energy_busy_j + i.energy_idle_j for i in insts))
 
+    def learnt_latency_factor(self, phase: str) -> float:
+        """What the controllers of ``phase`` learnt of measured / model time: the geometric mean
+        of their learnt factors weighted by the iterations each learnt from (1 when none learnt)."""
+        insts = self.prefill if phase == "prefill" else self.decode
+        learnt = [i.control.learnt() for i in insts]
+        n = sum(k for _, k in learnt)
+        return math.exp(sum(k * math.log(f) for f, k in learnt) / n) if n else 1.0
+
 
 class Simulation:
     """One run of ``trace`` through the cluster of ``scenario`` under ``policy``.

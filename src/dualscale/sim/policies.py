@@ -43,6 +43,11 @@ class _Observer:
         """What the iteration just decided on measured: its time (s), the clock in effect while it
         ran as read back (MHz; 0 when it changed during the iteration) and its power per GPU (W)."""
 
+    def learnt(self) -> tuple[float, int]:
+        """(measured / model time as learnt, iterations it was learnt from): (1, 0) for controls
+        that do not learn."""
+        return 1.0, 0
+
 
 class PrefillControl(_Observer, ABC):
     """Clock choice of one prefill instance."""
@@ -136,6 +141,10 @@ class _Controller:
 
     def observe(self, iteration_s: float, freq_mhz: int, power_w: float) -> None:
         self.ctl.observe(iteration_s, freq_mhz, power_w)
+
+    def learnt(self) -> tuple[float, int]:
+        c = self.ctl.correction
+        return c.mean_time_factor, c.observations
 
 
 class _MpcPrefill(_Controller, PrefillControl):
