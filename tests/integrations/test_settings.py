@@ -109,14 +109,17 @@ def test_queue_batches_default_is_the_largest_prefill_horizon():
     assert QUEUE_BATCHES == MAX_HORIZON
 
 
-@pytest.mark.parametrize(("horizon", "solver"), [(1, "qp"), (4, "qp"), (8, "qp"), (8, "exact"), (24, "greedy")])
+@pytest.mark.parametrize(("horizon", "solver"), [(1, "qp"), (4, "qp"), (8, "exact"), (8, "greedy"), (24, "qp")])
 def test_a_queue_listed_up_to_horizon_batches_of_tokens_gets_the_same_decision(profile, horizon, solver):
     """Why a prefill report may stop listing the queue: a controller whose horizon is at most
     queue_batches decides the same on the listed prefix as on the whole queue, step after step."""
     budget = 512
     rng = np.random.default_rng(horizon)
+    # seven clocks across the range (the paper's count): the property does not depend on the grid,
+    # and CI also runs this with the kernels as plain Python, where 110 clocks x 24 batches is slow
+    clocks = [int(c) for c in profile.clocks_mhz[[0, 18, 36, 54, 72, 90, 109]]]
     full, cut = (dualscale.PrefillController(profile, tp=2, ttft_slo_s=0.6, horizon=horizon, solver=solver,
-                                             max_batch_tokens=budget) for _ in range(2))
+                                             max_batch_tokens=budget, clocks_mhz=clocks) for _ in range(2))
     cuts = 0
     for step in range(30):
         n = int(rng.integers(1, 120))
