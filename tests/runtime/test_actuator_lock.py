@@ -159,6 +159,6 @@ def test_which_lock_an_actuator_takes():
 
     assert settings(backend="nvml").lock_path() == DEFAULT_LOCK_FILE == "/run/dualscale/actuator.lock"
     assert settings(backend="nvml", lock_file="/run/x/a.lock").lock_path() == "/run/x/a.lock"
-    assert settings(backend="sim", sim={"state_file": "/tmp/n.state"}).lock_path() == "/tmp/n.state.lock"
+    assert settings(backend="sim", sim={"state_file": "node/n.state"}).lock_path() == "node/n.state.lock"
     assert settings(backend="sim").lock_path() == ""  # the simulated GPUs live in the process
     assert settings(backend="nvml", observe=True).lock_path() == ""

@@ -78,17 +78,22 @@ def recovery_mape(truth: Profile, fitted: Profile, tel: T.Telemetry, n: int = 30
             for _ in range(n):
                 f = int(rng.choice(rec + between))
                 it = its[int(rng.integers(len(its)))]
-                if isinstance(it, T.DecodeIteration):
-                    ctx = np.maximum(1, np.array(it.context_tokens) * rng.uniform(0.8, 1.2, len(it.context_tokens)))
-                    a, b = truth.decode(4, ctx.astype(int), f), fitted.decode(4, ctx.astype(int), f)
-                else:
-                    ch = np.maximum(1, np.array(it.chunk_tokens) * rng.uniform(0.8, 1.0, len(it.chunk_tokens)))
-                    a = truth.prefill(4, ch.astype(int), f, it.prefix_tokens)
-                    b = fitted.prefill(4, ch.astype(int), f, it.prefix_tokens)
-                k = 0 if quantity == "time" else 1
-                err.append(abs(b[k] / a[k] - 1.0))
+                err.append(held_out_error(truth, fitted, it, f, rng)[0 if quantity == "time" else 1])
             out[f"{phase} {quantity}"] = 100.0 * float(np.mean(err))
     return out
+
+
+def held_out_error(truth: Profile, fitted: Profile, it: T.Iteration, freq_mhz: int,
+                   rng: np.random.Generator) -> tuple[float, float]:
+    """|fitted / truth - 1| of (time, power) on a held-out shape at ``freq_mhz``: ``it``'s batch with
+    every token count scaled by a random factor (decode context 0.8-1.2, prefill chunks 0.8-1.0)."""
+    if isinstance(it, T.DecodeIteration):
+        ctx = np.maximum(1, np.array(it.context_tokens) * rng.uniform(0.8, 1.2, len(it.context_tokens))).astype(int)
+        a, b = truth.decode(4, ctx, freq_mhz), fitted.decode(4, ctx, freq_mhz)
+    else:
+        ch = np.maximum(1, np.array(it.chunk_tokens) * rng.uniform(0.8, 1.0, len(it.chunk_tokens))).astype(int)
+        a, b = truth.prefill(4, ch, freq_mhz, it.prefix_tokens), fitted.prefill(4, ch, freq_mhz, it.prefix_tokens)
+    return abs(b[0] / a[0] - 1.0), abs(b[1] / a[1] - 1.0)
 
 
 def truth_node(tmp_path: Path, processes) -> tuple[Profile, Path, Path, Path, subprocess.Popen]:  # type: ignore[no-untyped-def]

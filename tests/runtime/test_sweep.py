@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from test_record_e2e import BASE, recovery_mape, truth_node, wait_until
+from test_record_e2e import BASE, held_out_error, recovery_mape, truth_node, wait_until
 
 from dualscale.errors import ConfigError
 from dualscale.profile import Profile
@@ -149,14 +149,8 @@ def held_out_clocks_mape(truth: Profile, fitted: Profile, its: list, n: int = 40
         for _ in range(n):
             f = int(rng.choice(between))
             it = pool[int(rng.integers(len(pool)))]
-            if kind is T.DecodeIteration:
-                ctx = np.maximum(1, np.array(it.context_tokens) * rng.uniform(0.8, 1.2, len(it.context_tokens)))
-                a, b = truth.decode(4, ctx.astype(int), f), fitted.decode(4, ctx.astype(int), f)
-            else:
-                ch = np.maximum(1, np.array(it.chunk_tokens) * rng.uniform(0.8, 1.0, len(it.chunk_tokens)))
-                a = truth.prefill(4, ch.astype(int), f, it.prefix_tokens)
-                b = fitted.prefill(4, ch.astype(int), f, it.prefix_tokens)
-            err["time"].append(abs(b[0] / a[0] - 1.0))
-            err["power"].append(abs(b[1] / a[1] - 1.0))
+            time_err, power_err = held_out_error(truth, fitted, it, f, rng)
+            err["time"].append(time_err)
+            err["power"].append(power_err)
         out |= {f"{phase} {q}": 100.0 * float(np.mean(e)) for q, e in err.items()}
     return out
