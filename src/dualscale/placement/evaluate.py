@@ -354,19 +354,15 @@ def _pool_of(executor: cf.Executor | None, workers: int | None) -> Iterator[cf.E
 
 
 def run_workload(name: str, load: float, trace: Trace, scenario: Scenario, profile: Profile,
-                 table: GoodputTable | TableFor, settings: EvalSettings, distserve: PlacementPlan,
+                 table_for: TableFor, settings: EvalSettings, distserve: PlacementPlan,
                  policies: Sequence[str] = POLICIES, *, executor: cf.Executor | None = None,
                  cache_dir: Path | None = None) -> list[EvalRow]:
-    """Each of ``policies`` (default: every one) over ``trace``, planned window by window. Savings
-    are against DistServe when it is among them. ``table``: the profile's goodput table, or a
-    function giving it for learnt latency factors (coarse-tier feedback; a plain table means no
-    feedback). Windows run on ``executor`` (default: here) and are cached in ``cache_dir`` (default:
-    not cached)."""
-    if isinstance(table, GoodputTable):
-        fixed = table
-        table, settings = (lambda factors: fixed), msgspec.structs.replace(settings, coarse_feedback=False)
+    """Each of ``policies`` (default: every one) over ``trace``, planned window by window on the
+    goodput tables of ``table_for`` (see :func:`table_source`). Savings are against DistServe when it
+    is among them. Windows run on ``executor`` (default: here) and are cached in ``cache_dir``
+    (default: not cached)."""
     windows = _Windows(cache_dir, executor, None)
-    wl = _Workload(name, load, trace, scenario, profile, table, settings, distserve, policies, windows)
+    wl = _Workload(name, load, trace, scenario, profile, table_for, settings, distserve, policies, windows)
     return wl.rows(windows.run())
 
 
@@ -418,7 +414,7 @@ def evaluate(scenario: Scenario, settings: EvalSettings = EvalSettings(), *, wor
                                         cache_dir=cache, progress=lambda i, n, stage=stage: say(stage, i, n)))
         table_for, gamma_table_for = sources
         table = table_for((1.0, 1.0))
-        gamma_table_for((1.0, 1.0))
+        gamma_table_for((1.0, 1.0))  # computed now, in the goodput stage its progress reports
         top = max(settings.goodput.clocks_mhz)
         capacity, _, _ = max_rate(table, profile, settings.gpus, [top])
         if capacity <= 0:
